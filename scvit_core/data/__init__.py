@@ -1,0 +1,39 @@
+"""Data layer: loading, validation, gene alignment, stored splits and minibatches."""
+
+from ._align import GeneAlignment, align_genes, standard_gene_order
+from ._batches import CountBatches, count_dataloader
+from ._datasets import DATA_DIR_DATASETS, DataDirDataset, available_datasets, load_dataset
+from ._files import DATA_DIR_ENV, sha256sum
+from ._split import add_split, stratified_split, stratified_subsample
+from ._validate import (
+    CountDataError,
+    CountSummary,
+    check_labels,
+    check_unique_genes,
+    validate_counts,
+)
+from .hbca import REPORT_SIZES, load_hbca
+
+__all__ = [
+    "DATA_DIR_DATASETS",
+    "DATA_DIR_ENV",
+    "REPORT_SIZES",
+    "CountBatches",
+    "CountDataError",
+    "CountSummary",
+    "DataDirDataset",
+    "GeneAlignment",
+    "add_split",
+    "align_genes",
+    "available_datasets",
+    "check_labels",
+    "check_unique_genes",
+    "count_dataloader",
+    "load_dataset",
+    "load_hbca",
+    "sha256sum",
+    "standard_gene_order",
+    "stratified_split",
+    "stratified_subsample",
+    "validate_counts",
+]

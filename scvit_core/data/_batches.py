@@ -1,0 +1,103 @@
+"""Minibatches of counts read from sparse (or backed) matrices, one batch at a time."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from .. import _constants as K
+
+
+class CountBatches(Dataset):
+    """Cells of an AnnData served as dense float32 minibatches.
+
+    Indexed by a whole batch of row indices (a :class:`~torch.utils.data.BatchSampler`
+    drives it), so only the rows of one batch are ever densified. Rows are read in
+    increasing order, which backed (h5py) matrices require and which keeps CSR slicing
+    cache-friendly.
+
+    Each item is a dict: ``"counts"`` (B, genes) float32, ``"index"`` (B,) int64 row
+    numbers into ``adata``, and ``"label"`` (B,) int64 codes of ``obs["cell_type"]``
+    (-1 where the data have no labels).
+    """
+
+    def __init__(self, adata: ad.AnnData, *, split: str | None = None, layer: str | None = None):
+        if split is not None and split not in K.SPLITS:
+            raise ValueError(f"split must be one of {K.SPLITS} or None, got {split!r}")
+        if split is not None and K.SPLIT not in adata.obs:
+            raise KeyError(
+                f"adata.obs has no {K.SPLIT!r} column; load the data with "
+                "scvit_core.load_dataset or add one with scvit_core.add_split."
+            )
+        self.X = adata.layers[layer] if layer is not None else adata.X
+        self.rows = (
+            np.flatnonzero(adata.obs[K.SPLIT].to_numpy() == split)
+            if split is not None
+            else np.arange(adata.n_obs)
+        )
+        if K.CELL_TYPE in adata.obs:
+            self.labels = adata.obs[K.CELL_TYPE].cat.codes.to_numpy().astype(np.int64)
+        else:
+            self.labels = np.full(adata.n_obs, -1, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        rows = np.sort(self.rows[np.asarray(batch)])
+        block = self.X[rows]
+        dense = block.toarray() if sp.issparse(block) else np.asarray(block)
+        return {
+            "counts": torch.from_numpy(dense.astype(np.float32, copy=False)),
+            "index": torch.from_numpy(rows.astype(np.int64)),
+            "label": torch.from_numpy(self.labels[rows]),
+        }
+
+
+def count_dataloader(
+    adata: ad.AnnData,
+    *,
+    split: str | None = None,
+    batch_size: int = 256,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    layer: str | None = None,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A :class:`~torch.utils.data.DataLoader` of count minibatches (see :class:`CountBatches`).
+
+    Parameters
+    ----------
+    adata
+        In-memory or backed AnnData with raw counts.
+    split
+        Only cells of this stored split (``"train"``, ``"validation"``, ``"test"``), or all.
+    batch_size
+        Cells per batch.
+    shuffle
+        Draw batches in a random order fixed by ``seed`` (a new order every epoch, the
+        same sequence of orders for the same seed). Rows within a batch come sorted.
+    drop_last
+        Drop a last, smaller batch.
+    seed
+        Seed of the shuffle.
+    layer
+        Read counts from this layer instead of ``X``.
+    num_workers
+        Worker processes for batch assembly (0: in the main process).
+    """
+    dataset = CountBatches(adata, split=split, layer=layer)
+    if shuffle:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(
+        dataset,
+        sampler=BatchSampler(sampler, batch_size=batch_size, drop_last=drop_last),
+        batch_size=None,  # the sampler already yields whole batches
+        num_workers=num_workers,
+    )

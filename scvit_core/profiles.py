@@ -1,0 +1,66 @@
+"""One switch, ``SCVIT_PROFILE``, scales every experiment (DESIGN.md section 4).
+
+``ci`` runs in seconds (nbval in CI), ``cpu`` is the default for ``make book`` on a
+2-core laptop, ``paper`` reruns at the report's sizes on a GPU. Notebooks read the
+profile with :func:`get_profile`; nothing else differs between profiles.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+PROFILE_ENV = "SCVIT_PROFILE"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How large an experiment is under a profile."""
+
+    name: str
+    description: str
+    dataset: str  # the dataset experiments run on
+    max_cells: int | None  # stratified subsample of the dataset (None: all cells)
+    epochs: int  # training epochs per model
+    n_seeds: int  # seeds per configuration
+    train_cells: tuple[int, ...] = ()  # training-set sizes for the paper-scale runs
+
+
+PROFILES: dict[str, Profile] = {
+    "ci": Profile(
+        "ci",
+        "seconds per notebook; what nbval runs in CI",
+        "zeisel2015",
+        max_cells=600,
+        epochs=1,
+        n_seeds=1,
+    ),
+    "cpu": Profile(
+        "cpu",
+        "the whole book in about 30 minutes on 2 CPU cores",
+        "zeisel2015",
+        max_cells=None,
+        epochs=10,
+        n_seeds=3,
+    ),
+    "paper": Profile(
+        "paper",
+        "the report's sizes on a GPU: HBCA subsets",
+        "hbca",
+        max_cells=None,
+        epochs=10,
+        n_seeds=3,
+        train_cells=(42_116, 168_464),
+    ),
+}
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile named ``name``, else ``$SCVIT_PROFILE``, else ``"cpu"``."""
+    name = name or os.environ.get(PROFILE_ENV) or "cpu"
+    if name not in PROFILES:
+        raise ValueError(
+            f"unknown profile {name!r} (from {PROFILE_ENV} or the argument); "
+            f"choose one of {', '.join(PROFILES)}."
+        )
+    return PROFILES[name]
