@@ -88,6 +88,10 @@ def test_subsample_size_proportions_and_counts(atlas_file):
     shares = adata.obs[CELL_TYPE].value_counts().to_dict()
     assert shares == {k: v // 3 for k, v in CLASS_SIZES.items()}
     assert isinstance(adata.obs[CELL_TYPE].dtype, pd.CategoricalDtype)
+    # The stored split every model trains on: 10% of each class of 50, 30, 15, 4 and 1
+    # cells in test (5 + 3 + 2), plus one for the class of 4, none for the singleton.
+    assert set(adata.obs["split"]) == {"train", "validation", "test"}
+    assert (adata.obs["split"] == "test").sum() == 11
     # Integer CSR counts, genes in standardized (sorted) order, symbols carried along.
     assert sp.issparse(adata.X) and adata.X.format == "csr" and adata.X.dtype == np.int32
     assert list(adata.var_names) == sorted(adata.var_names)

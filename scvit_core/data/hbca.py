@@ -33,7 +33,7 @@ from tqdm import tqdm  # tqdm.auto needs ipywidgets in notebooks
 
 from .._constants import CELL_TYPE, UNS
 from ._files import DATA_DIR_ENV, sha256sum
-from ._split import stratified_subsample
+from ._split import add_split, stratified_subsample
 from ._validate import CountDataError, check_labels, check_unique_genes, validate_counts
 
 __all__ = [
@@ -320,7 +320,7 @@ def _resolve(
             return path, url, sha256, sha256 is not None
         return path, url, sha256, False
 
-    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV)
+    data_dir = data_dir if data_dir is not None else (os.environ.get(DATA_DIR_ENV) or None)
     if data_dir is None:
         raise FileNotFoundError(
             f"No HBCA file given and no data directory (data_dir= or ${DATA_DIR_ENV}).\n"
@@ -405,7 +405,8 @@ def load_hbca(
         In memory: ``X`` int32 CSR counts (cells x genes, genes sorted by id and named by
         them, with ``var["feature_name"]`` when the file has gene symbols),
         ``obs["cell_type"]`` categorical, and ``uns["scvit"]`` the provenance (file, url,
-        sha256, sizes, seed, labels_key, where the counts came from).
+        sha256, sizes, seed, labels_key, where the counts came from), and the stored
+        stratified split in ``obs["split"]``.
 
     Raises
     ------
@@ -514,4 +515,7 @@ def load_hbca(
     # h5ad cannot store None: leave unknown entries out instead.
     provenance = {k: v for k, v in provenance.items() if v is not None}
     obs.index = obs.index.astype(str)
-    return anndata.AnnData(X=X, obs=obs, var=var, uns={UNS: provenance})
+    adata = anndata.AnnData(X=X, obs=obs, var=var, uns={UNS: provenance})
+    # The same stored, stratified split as every other dataset (seeded like the subsample).
+    add_split(adata, seed=seed)
+    return adata
