@@ -1,0 +1,174 @@
+"""Training throughput of scViT against the machine's matmul rate and against scVI.
+
+For the ``paper`` preset (59,480 genes, batch 256, synthetic negative-binomial counts) and the
+default dataset's preset (``ScViTConfig.for_genes(4000)`` on zeisel2015) this prints training
+cells/s, the achieved model GFLOP/s (``3 x`` analytic forward FLOPs from
+:mod:`scvit_core.flops` ``x`` cells/s), torch's float32 matmul GFLOP/s measured in the same run,
+their ratio, peak memory, and scVI's cells/s on the same zeisel data with the scViT/scVI time
+ratio. Only steady-state steps are timed (warm-up steps are excluded).
+
+    python benchmarks/train_throughput.py --quick     # a few minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from scvit_core import load_dataset
+from scvit_core.config import ScViTConfig
+from scvit_core.flops import TRAIN_FACTOR, total_forward_flops
+from scvit_core.likelihood import nll
+from scvit_core.model import ScViT
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def matmul_gflops(device: torch.device, *, n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 GFLOP/s of an ``n x n`` matmul (best of ``repeats``)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_cells_per_s(
+    config: ScViTConfig,
+    batches: list[torch.Tensor],
+    *,
+    warmup: int,
+    device: torch.device,
+) -> float:
+    """Steady-state training cells/s: AdamW steps on ``batches`` after ``warmup`` steps."""
+    torch.manual_seed(0)
+    model = ScViT(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.005)
+
+    def step(counts: torch.Tensor) -> None:
+        out = model(counts, library=counts.sum(1))
+        loss = nll(out, counts, likelihood=config.likelihood).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    _sync(device)
+    start = time.perf_counter()
+    cells = 0
+    for counts in batches:
+        step(counts)
+        cells += counts.shape[0]
+    _sync(device)
+    return cells / (time.perf_counter() - start)
+
+
+def scvi_cells_per_s(adata, *, batch_size: int, epochs: int) -> float:
+    """scVI (``n_latent=64``) training cells/s on ``adata``, after a one-epoch warm-up."""
+    import scvi
+
+    logging.getLogger("scvi").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    data = adata.copy()
+    scvi.model.SCVI.setup_anndata(data)
+    model = scvi.model.SCVI(data, n_latent=64)
+    kwargs = dict(batch_size=batch_size, enable_progress_bar=False, accelerator="auto")
+    model.train(max_epochs=1, **kwargs)  # warm-up
+    start = time.perf_counter()
+    model.train(max_epochs=epochs, **kwargs)
+    elapsed = time.perf_counter() - start
+    return len(model.train_indices) * epochs / elapsed
+
+
+def report(name: str, config: ScViTConfig, cells_s: float, matmul: float, mem: float) -> None:
+    model_gflops = TRAIN_FACTOR * total_forward_flops(config) * cells_s / 1e9
+    print(f"[{name}] genes={config.n_genes:,} params={_params(config):,}")
+    print(f"  training cells/s          {cells_s:10.1f}")
+    print(f"  model GFLOP/s (3x fwd)    {model_gflops:10.1f}")
+    print(f"  fp32 matmul GFLOP/s       {matmul:10.1f}")
+    print(f"  ratio model / matmul      {model_gflops / matmul:10.1%}")
+    print(f"  peak memory (MB)          {mem:10.0f}")
+
+
+def _params(config: ScViTConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in ScViT(config).parameters())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewest steps (CI, 2 cores)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per preset")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--skip-paper", action="store_true")
+    parser.add_argument("--skip-scvi", action="store_true")
+    args = parser.parse_args(argv)
+    steps = args.steps or (2 if args.quick else 10)
+    warmup = 1 if args.quick else 3
+    warnings.filterwarnings("ignore")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bs = args.batch_size
+    print(f"device={device} threads={torch.get_num_threads()} batch={bs} timed steps={steps}")
+    matmul = matmul_gflops(device)
+    print(f"fp32 matmul (2048^3): {matmul:.1f} GFLOP/s")
+
+    rng = np.random.default_rng(0)
+    if not args.skip_paper:
+        config = ScViTConfig.paper()
+        # Synthetic NB counts of the right shape (mean ~0.5, sparse like scRNA-seq).
+        batches = [
+            torch.from_numpy(
+                rng.negative_binomial(1, 0.7, size=(bs, config.n_genes)).astype(np.float32)
+            ).to(device)
+            for _ in range(steps)
+        ]
+        cells_s = train_cells_per_s(config, batches, warmup=warmup, device=device)
+        report("paper", config, cells_s, matmul, peak_memory_mb(device))
+        del batches
+
+    adata = load_dataset("zeisel2015")
+    config = ScViTConfig.for_genes(adata.n_vars)
+    X = adata.X
+    order = rng.permutation(adata.n_obs)
+    batches = [
+        torch.from_numpy(X[np.sort(order[i * bs : (i + 1) * bs])].toarray().astype(np.float32))
+        for i in range(min(steps, adata.n_obs // bs))
+    ]
+    batches = [b.to(device) for b in batches]
+    scvit_cells_s = train_cells_per_s(config, batches, warmup=warmup, device=device)
+    report("zeisel2015 for_genes(4000)", config, scvit_cells_s, matmul, peak_memory_mb(device))
+
+    if not args.skip_scvi:
+        scvi_cells_s = scvi_cells_per_s(adata, batch_size=bs, epochs=1 if args.quick else 2)
+        print(f"[scVI n_latent=64 on zeisel2015] training cells/s {scvi_cells_s:10.1f}")
+        print(
+            f"  scViT / scVI time ratio   {scvi_cells_s / scvit_cells_s:10.1f}x (the report: 15x)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The ``scvit`` command line: ``train``, ``embed`` and ``evaluate``.
+
+::
+
+    scvit train zeisel2015 --epochs 10 --out runs/zeisel
+    scvit embed runs/zeisel zeisel2015 --out latent.h5ad
+    scvit evaluate runs/zeisel zeisel2015
+
+Bad input (not raw counts, unknown dataset, missing files, ...) prints one line
+``error: ...`` and exits with status 2; a NaN loss during training exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from scvit_core.data import CountDataError
+
+
+def _load(data: str, *, layer: str | None, max_cells: int | None, seed: int):
+    from scvit_core import _constants as K
+    from scvit_core.data import load_dataset, stratified_subsample
+
+    adata = load_dataset(data, layer=layer)
+    if max_cells is not None and max_cells < adata.n_obs:
+        labels = adata.obs[K.CELL_TYPE] if K.CELL_TYPE in adata.obs else np.zeros(adata.n_obs)
+        adata = adata[stratified_subsample(labels, max_cells, seed=seed)].copy()
+    print(f"data: {data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes", file=sys.stderr)
+    return adata
+
+
+def _config(args: argparse.Namespace, n_genes: int):
+    from scvit_core.config import ScViTConfig
+
+    overrides = dict(likelihood=args.likelihood, library_scaling=args.library_scaling)
+    overrides.update(
+        attention=not args.no_attention,
+        conv_stem=not args.no_conv_stem,
+        patchwise=not args.shared_linear,
+        extra_convs=args.extra_convs,
+    )
+    if args.preset == "paper":
+        return ScViTConfig.paper(**overrides, width=args.width)
+    if args.preset == "small":
+        return ScViTConfig.small(n_genes, **overrides)
+    return ScViTConfig.for_genes(n_genes, width=args.width, **overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from scvit_core.api import ScViTModel
+
+    out = Path(args.out)
+    if (out / "model.pt").exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already holds a model; pass --overwrite")
+    adata = _load(args.data, layer=args.layer, max_cells=args.max_cells, seed=args.seed)
+    config = _config(args, adata.n_vars)
+    model = ScViTModel(adata, config, seed=args.seed)
+    print(model, file=sys.stderr)
+    model.train(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        input_transform=args.input_transform,
+        early_stopping_patience=args.patience,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        precision=args.precision,
+        enable_progress_bar=not args.no_progress,
+        output_dir=out / "training",
+    )
+    model.save(out, overwrite=args.overwrite)
+    print(model.history.to_string(index=False), file=sys.stderr)
+    print(f"saved model to {out}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from scvit_core import _constants as K
+    from scvit_core.api import ScViTModel
+
+    out = Path(args.out)
+    source = Path(args.data)
+    if source.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the input file; the input is never overwritten")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite")
+    if out.suffix not in (".h5ad", ".npy", ".csv"):
+        raise ValueError(f"--out must end in .h5ad, .npy or .csv, got {out.name!r}")
+    adata = _load(args.data, layer=args.layer, max_cells=None, seed=0)
+    model = ScViTModel.load(args.model)
+    z = model.get_latent_representation(adata, split=args.split)
+    keep = np.ones(adata.n_obs, bool) if args.split is None else adata.obs[K.SPLIT] == args.split
+    names = adata.obs_names[np.asarray(keep)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, z)
+    elif out.suffix == ".csv":
+        columns = [f"z{i}" for i in range(z.shape[1])]
+        pd.DataFrame(z, index=names, columns=columns).to_csv(out)
+    else:
+        result = adata[np.asarray(keep)].copy()
+        result.obsm[K.LATENT] = z
+        result.write_h5ad(out)
+    print(f"wrote {z.shape[0]:,} x {z.shape[1]} latent to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from scvit_core import _constants as K
+    from scvit_core.api import ScViTModel
+
+    adata = _load(args.data, layer=args.layer, max_cells=args.max_cells, seed=0)
+    model = ScViTModel.load(args.model)
+    if K.SPLIT not in adata.obs:
+        raise CountDataError(f"the data have no obs[{K.SPLIT!r}] column to pick test cells from")
+    error = model.get_reconstruction_error(adata, split=args.split)
+    n = int((adata.obs[K.SPLIT] == args.split).sum())
+    print(f"reconstruction_loss ({args.split}, {n:,} cells): {error['reconstruction_loss']:.2f}")
+    if K.CELL_TYPE in adata.obs:
+        from sklearn.neighbors import KNeighborsClassifier
+
+        z_train = model.get_latent_representation(adata, split="train")
+        z_test = model.get_latent_representation(adata, split=args.split)
+        labels = adata.obs[K.CELL_TYPE].astype(str)
+        y_train = labels[adata.obs[K.SPLIT] == "train"].to_numpy()
+        y_test = labels[adata.obs[K.SPLIT] == args.split].to_numpy()
+        knn = KNeighborsClassifier(n_neighbors=min(15, len(y_train))).fit(z_train, y_train)
+        accuracy = float((knn.predict(z_test) == y_test).mean())
+        print(f"knn_accuracy (15-NN, train -> {args.split}): {accuracy:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scvit`` argument parser."""
+    parser = argparse.ArgumentParser(prog="scvit", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model on a dataset name or .h5ad file")
+    train.add_argument("data", help="dataset name (e.g. zeisel2015) or path to an .h5ad file")
+    train.add_argument("--out", required=True, help="model directory to write")
+    train.add_argument("--overwrite", action="store_true")
+    train.add_argument("--layer", default=None, help="layer with the raw counts (default X)")
+    train.add_argument("--max-cells", type=int, default=None, help="stratified subsample")
+    train.add_argument("--preset", choices=("default", "paper", "small"), default="default")
+    train.add_argument("--likelihood", choices=("legacy", "corrected", "nb"), default="legacy")
+    train.add_argument("--library-scaling", action="store_true")
+    train.add_argument("--no-attention", action="store_true")
+    train.add_argument("--no-conv-stem", action="store_true")
+    train.add_argument("--shared-linear", action="store_true", help="one linear for all tokens")
+    train.add_argument("--extra-convs", type=int, default=0)
+    train.add_argument("--width", type=float, default=1.0, help="bigger model: width > 1")
+    train.add_argument(
+        "--input-transform", choices=("counts", "log1p", "log1p_norm"), default="counts"
+    )
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=256)
+    train.add_argument("--lr", type=float, default=0.005)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--patience", type=int, default=None, help="early stopping patience")
+    train.add_argument("--accelerator", default="auto")
+    train.add_argument("--devices", default="auto")
+    train.add_argument("--precision", default="32-true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    embed = sub.add_parser("embed", help="write the latent representation of a dataset")
+    embed.add_argument("model", help="model directory written by 'scvit train'")
+    embed.add_argument("data", help="dataset name or .h5ad path")
+    embed.add_argument("--out", required=True, help="output .h5ad, .npy or .csv")
+    embed.add_argument("--split", choices=("train", "validation", "test"), default=None)
+    embed.add_argument("--layer", default=None)
+    embed.add_argument("--overwrite", action="store_true")
+    embed.set_defaults(func=cmd_embed)
+
+    evaluate = sub.add_parser("evaluate", help="test reconstruction error and kNN accuracy")
+    evaluate.add_argument("model", help="model directory written by 'scvit train'")
+    evaluate.add_argument("data", help="dataset name or .h5ad path")
+    evaluate.add_argument("--split", choices=("validation", "test"), default="test")
+    evaluate.add_argument("--layer", default=None)
+    evaluate.add_argument("--max-cells", type=int, default=None)
+    evaluate.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``scvit``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "devices", None) not in (None, "auto"):
+        args.devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from scvit_core.train import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (CountDataError, FileNotFoundError, FileExistsError, KeyError, ValueError) as err:
+        message = str(err).strip("'\"").replace("\n", " ")
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""Training scViT with PyTorch Lightning, as in the reference code (DESIGN.md sections 2 and 7).
+
+The trainer knows batches of counts and nothing about files or AnnData:
+
+* the input transform (:data:`INPUT_TRANSFORMS`) turns each batch of raw counts into the
+  network's input; the likelihood target is always the raw counts, and the library size (total
+  counts per cell) is passed to the model for ``library_scaling``;
+* AdamW (lr 0.005, PyTorch's default weight decay) with ``CosineAnnealingWarmRestarts(T_0=1)``
+  stepped after *every batch* at the fractional epoch ``epoch + i / n_batches`` (the reference
+  code's ``scheduler.step(epoch + i / iters)``);
+* validation loss every epoch, optional early stopping, a CSV log, checkpoints (the last epoch
+  and the best validation loss), progress bar, mixed precision and multi-device (DDP) are
+  Lightning's own and are passed through from :class:`TrainConfig`;
+* a NaN or infinite loss stops training with :class:`NonFiniteLossError`, which names the epoch
+  and batch and the last good checkpoint (kept: nothing is saved after the bad step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from scvit_core.config import ScViTConfig
+from scvit_core.likelihood import nll
+from scvit_core.model import ScViT, ScViTOutput
+
+INPUT_TRANSFORMS = ("counts", "log1p", "log1p_norm")
+"""What the network reads: raw counts, ``log1p(counts)``, or ``log1p`` of counts scaled to
+:data:`NORM_TARGET` per cell. The likelihood target is the raw counts in every case."""
+
+NORM_TARGET = 1e4
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training or validation loss became NaN or infinite; training was stopped.
+
+    Attributes
+    ----------
+    epoch, batch
+        Where it happened (0-based, as Lightning counts).
+    last_checkpoint
+        Path of the last good checkpoint, or None if none had been written yet.
+    """
+
+    def __init__(
+        self, message: str, *, epoch: int, batch: int, last_checkpoint: str | None
+    ) -> None:
+        super().__init__(message)
+        self.epoch, self.batch, self.last_checkpoint = epoch, batch, last_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; saved with the model, because ``input_transform`` defines its input.
+
+    Attributes
+    ----------
+    epochs
+        Passes over the training cells (the report: 10).
+    batch_size
+        Cells per batch (the reference: 1024 or 256).
+    lr
+        AdamW learning rate (the reference: 0.005; 0.003 for its larger variant).
+    weight_decay
+        AdamW weight decay (PyTorch's default, as the reference leaves it).
+    seed
+        Seeds weights, dropout and the batch order; with ``deterministic`` a CPU rerun gives
+        identical losses.
+    input_transform
+        One of :data:`INPUT_TRANSFORMS`.
+    early_stopping_patience
+        Stop after this many epochs without a lower validation loss (None: never).
+    accelerator, devices, strategy, precision
+        Passed to :class:`lightning.Trainer` (e.g. ``"gpu"``, ``4``, ``"ddp"``, ``"bf16-mixed"``).
+    deterministic
+        Lightning's ``deterministic`` switch (deterministic kernels).
+    gradient_clip_val
+        Gradient-norm clipping (None: off, as in the reference).
+    enable_progress_bar
+        Lightning's progress bar.
+    num_workers
+        DataLoader workers used by callers that build loaders (the API and the CLI).
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.005
+    weight_decay: float = 0.01
+    seed: int = 0
+    input_transform: str = "counts"
+    early_stopping_patience: int | None = None
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    precision: str | int = "32-true"
+    deterministic: bool = True
+    gradient_clip_val: float | None = None
+    enable_progress_bar: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(
+                f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}"
+            )
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be at least 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dictionary."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (re-validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def transform_input(counts: torch.Tensor, transform: str) -> torch.Tensor:
+    """The network's input for a batch of raw counts ``(B, genes)`` (same shape).
+
+    Parameters
+    ----------
+    counts
+        Raw counts, float.
+    transform
+        ``"counts"`` (unchanged), ``"log1p"``, or ``"log1p_norm"``: ``log1p`` of the counts
+        scaled to :data:`NORM_TARGET` per cell (an empty cell stays all zero).
+    """
+    if transform == "counts":
+        return counts
+    if transform == "log1p":
+        return torch.log1p(counts)
+    if transform == "log1p_norm":
+        library = counts.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1); avoid 0 / 0
+        return torch.log1p(counts * (NORM_TARGET / library))
+    raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {transform!r}")
+
+
+def forward_counts(model: ScViT, counts: torch.Tensor, *, input_transform: str) -> ScViTOutput:
+    """Run ``model`` on raw counts ``(B, genes)``: transform the input, pass the library size."""
+    library = counts.sum(dim=1)  # (B,) used by library_scaling, ignored otherwise
+    return model(transform_input(counts, input_transform), library=library)
+
+
+def per_cell_nll(
+    model: ScViT, counts: torch.Tensor, *, input_transform: str
+) -> tuple[torch.Tensor, ScViTOutput]:
+    """Per-cell NLL ``(B,)`` of the raw counts (summed over genes), and the model's output.
+
+    The likelihood runs in float32 even under mixed precision: the log-gamma terms of the
+    negative binomial lose too much in 16-bit.
+    """
+    out = forward_counts(model, counts, input_transform=input_transform)
+    params = ScViTOutput(
+        out.z,
+        out.mean.float(),
+        out.theta.float(),
+        None if out.gate_logits is None else out.gate_logits.float(),
+    )
+    try:
+        loss = nll(params, counts.float(), likelihood=model.config.likelihood)
+    except ValueError:
+        # pyro's argument validation rejects NaN parameters before a loss exists; report that
+        # as a non-finite loss so the caller sees one error for one cause.
+        if not all(
+            torch.isfinite(t).all() for t in (params.mean, params.theta) if t is not None
+        ) or (params.gate_logits is not None and not torch.isfinite(params.gate_logits).all()):
+            return torch.full(counts.shape[:1], math.nan, device=counts.device), out
+        raise
+    return loss, out
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: ScViT,
+    loader: DataLoader | Any,
+    *,
+    input_transform: str,
+    device: torch.device | None = None,
+) -> float:
+    """Mean per-cell NLL over every batch of ``loader`` with the model in evaluation mode.
+
+    The model's training/evaluation mode is restored afterwards.
+    """
+    was_training = model.training
+    device = device or next(model.parameters()).device
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for batch in loader:
+            counts = batch["counts"].to(device)
+            loss, _ = per_cell_nll(model, counts, input_transform=input_transform)
+            total += float(loss.double().sum())
+            n += counts.shape[0]
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)
+
+
+class ScViTLightning(L.LightningModule):
+    """Lightning wrapper of :class:`~scvit_core.model.ScViT`: loss, optimiser and schedule.
+
+    Parameters
+    ----------
+    model_config
+        The network (a :class:`ScViTConfig` or its ``to_dict()``).
+    train_config
+        Optimiser, schedule and input transform (a :class:`TrainConfig` or its ``to_dict()``).
+
+    Notes
+    -----
+    Both configs are stored as plain dictionaries in the checkpoint's hyper-parameters, so a
+    checkpoint rebuilds its module with ``ScViTLightning.load_from_checkpoint(path)``. The
+    per-epoch history (train and validation loss, learning rate) is saved in the checkpoint
+    too, so a resumed run keeps its earlier epochs.
+    """
+
+    def __init__(
+        self,
+        model_config: ScViTConfig | dict,
+        train_config: TrainConfig | dict | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(model_config, dict):
+            model_config = ScViTConfig.from_dict(model_config)
+        if train_config is None:
+            train_config = TrainConfig()
+        elif isinstance(train_config, dict):
+            train_config = TrainConfig.from_dict(train_config)
+        self.save_hyperparameters(
+            {"model_config": model_config.to_dict(), "train_config": train_config.to_dict()}
+        )
+        self.model_config, self.train_config = model_config, train_config
+        self.model = ScViT(model_config)
+        self.history: list[dict[str, float]] = []
+        self._sums = {"train": [0.0, 0], "val": [0.0, 0]}
+        self._batch_idx = 0
+        self._epoch_start = time.perf_counter()
+
+    def forward(self, counts: torch.Tensor) -> ScViTOutput:
+        return forward_counts(self.model, counts, input_transform=self.train_config.input_transform)
+
+    def _loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
+        counts = batch["counts"]  # (B, genes) raw counts: the likelihood's target
+        per_cell, _ = per_cell_nll(
+            self.model, counts, input_transform=self.train_config.input_transform
+        )
+        loss = per_cell.mean()
+        if not torch.isfinite(loss):
+            self._raise_non_finite(float(loss), batch_idx, stage)
+        self._sums[stage][0] += float(per_cell.detach().double().sum())
+        self._sums[stage][1] += counts.shape[0]
+        self.log(
+            f"{stage}_loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=counts.shape[0],
+            sync_dist=stage == "val",
+        )
+        return loss
+
+    def _raise_non_finite(self, value: float, batch_idx: int, stage: str) -> None:
+        last = None
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        if callback is not None:
+            last = getattr(callback, "last_model_path", "") or callback.best_model_path or None
+        where = (
+            f"last good checkpoint: {last} (resume with ckpt_path={last!r})"
+            if last
+            else "no checkpoint had been written yet (the failure came in the first epoch)"
+        )
+        what = "training" if stage == "train" else "validation"
+        raise NonFiniteLossError(
+            f"{what} loss is {value} at epoch {self.current_epoch}, batch {batch_idx} "
+            f"(global step {self.global_step}); training stopped. Likely causes: a learning rate "
+            f"too high for this model (lr={self.train_config.lr}; try 0.001), 16-bit precision "
+            f"overflow (precision={self.train_config.precision!r}; try '32-true'), or input that "
+            "is not raw counts or has extreme values (check validate_counts and "
+            f"input_transform={self.train_config.input_transform!r}). {where}.",
+            epoch=self.current_epoch,
+            batch=batch_idx,
+            last_checkpoint=last,
+        )
+
+    # Lightning hooks --------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._batch_idx = batch_idx
+        return self._loss(batch, batch_idx, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._loss(batch, batch_idx, "val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self.train_config.lr,
+            weight_decay=self.train_config.weight_decay,
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=1)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # The reference steps after batch i at the fractional epoch ``epoch + i / n_batches``;
+        # Lightning's default would call step() without the epoch (one "epoch" per batch).
+        n_batches = max(int(self.trainer.num_training_batches), 1)
+        scheduler.step(self.current_epoch + self._batch_idx / n_batches)
+
+    def on_train_epoch_start(self) -> None:
+        self._sums["train"] = [0.0, 0]
+        self._epoch_start = time.perf_counter()
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums["val"] = [0.0, 0]
+
+    def on_train_epoch_end(self) -> None:
+        # Validation has run by now (Lightning validates inside the training epoch).
+        train_sum, train_n = self._sums["train"]
+        val_sum, val_n = self._sums["val"]
+        self.history.append(
+            {
+                "epoch": self.current_epoch + 1,
+                "train_loss": train_sum / train_n if train_n else math.nan,
+                "val_loss": val_sum / val_n if val_n else math.nan,
+                "lr": float(self.optimizers().param_groups[0]["lr"]),
+                "time_s": time.perf_counter() - self._epoch_start,
+            }
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["scvit_history"] = [dict(row) for row in self.history]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = [dict(row) for row in checkpoint.get("scvit_history", [])]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes
+    ----------
+    history
+        One row per epoch: ``epoch`` (1-based), ``train_loss`` (mean over the epoch's batches,
+        training mode), ``val_loss`` (evaluation mode, end of epoch), ``lr``, ``time_s``.
+    initial_val_loss
+        Validation loss before the first step (NaN when resuming or without validation).
+    best_checkpoint, last_checkpoint
+        Paths written by Lightning's ModelCheckpoint ("" if none).
+    log_dir
+        Directory of the CSV log.
+    """
+
+    history: pd.DataFrame
+    initial_val_loss: float
+    best_checkpoint: str
+    last_checkpoint: str
+    log_dir: str
+
+
+def fit(
+    module: ScViTLightning,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None = None,
+    *,
+    output_dir: str | Path | None = None,
+    ckpt_path: str | Path | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``module`` with the settings of its :class:`TrainConfig`.
+
+    Parameters
+    ----------
+    module
+        The model to train (modified in place).
+    train_loader, val_loader
+        Batches of ``{"counts": (B, genes) raw counts, ...}``
+        (:func:`scvit_core.count_dataloader`). Without ``val_loader`` there is no validation,
+        checkpoints follow the training loss and early stopping is off.
+    output_dir
+        Where checkpoints (``checkpoints/last.ckpt``, ``checkpoints/best-*.ckpt``) and the CSV
+        log (``logs/``) go; a new temporary directory if None.
+    ckpt_path
+        Resume from this Lightning checkpoint (weights, optimiser, schedule, epoch, history).
+    trainer_kwargs
+        Extra :class:`lightning.Trainer` arguments (override those built from the config).
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    NonFiniteLossError
+        A NaN or infinite loss; the last good checkpoint is kept and named in the message.
+    """
+    cfg = module.train_config
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="scvit-"))
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    monitor = "val_loss" if val_loader is not None else "train_loss_epoch"
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="best-{epoch:03d}",
+        monitor=monitor,
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+    )
+    callbacks: list[L.Callback] = [checkpoint]
+    if cfg.early_stopping_patience is not None and val_loader is not None:
+        callbacks.append(
+            EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience)
+        )
+    logger = CSVLogger(save_dir=str(out), name="logs")
+    kwargs: dict[str, Any] = dict(
+        max_epochs=cfg.epochs,
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        deterministic=cfg.deterministic,
+        gradient_clip_val=cfg.gradient_clip_val,
+        enable_progress_bar=cfg.enable_progress_bar,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=str(out),
+        num_sanity_val_steps=0,  # the initial validation loss below replaces it
+        log_every_n_steps=1,
+        limit_val_batches=1.0 if val_loader is not None else 0,
+    )
+    kwargs.update(trainer_kwargs or {})
+    trainer = L.Trainer(**kwargs)
+
+    initial = math.nan
+    if val_loader is not None and ckpt_path is None:
+        # Before the first step, on the device training will use (the module is moved back).
+        device = _initial_device(cfg.accelerator)
+        module.model.to(device)
+        initial = evaluate_loss(
+            module.model, val_loader, input_transform=cfg.input_transform, device=device
+        )
+        module.model.cpu()
+    with warnings.catch_warnings():
+        # Single-process loading is deliberate here (batches are sliced from memory).
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+        trainer.fit(
+            module,
+            train_dataloaders=train_loader,
+            val_dataloaders=val_loader,
+            ckpt_path=str(ckpt_path) if ckpt_path is not None else None,
+        )
+    return TrainResult(
+        history=history_frame(module.history),
+        initial_val_loss=initial,
+        best_checkpoint=checkpoint.best_model_path,
+        last_checkpoint=checkpoint.last_model_path,
+        log_dir=logger.log_dir,
+    )
+
+
+def _initial_device(accelerator: str) -> torch.device:
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator in ("auto", "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def history_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
+    """Per-epoch history rows as a DataFrame with fixed columns."""
+    columns = ["epoch", "train_loss", "val_loss", "lr", "time_s"]
+    return pd.DataFrame(rows, columns=columns)

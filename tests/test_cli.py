@@ -1,0 +1,61 @@
+"""``scvit train`` -> ``embed`` -> ``evaluate`` in fresh processes, and clean errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+
+def scvit(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "scvit_core.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_train_embed_evaluate(tmp_path):
+    model = tmp_path / "model"
+    run = scvit(
+        "train",
+        "zeisel2015",
+        "--preset",
+        "small",
+        "--max-cells",
+        "300",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--no-progress",
+        "--out",
+        model,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (model / "model.pt").exists() and (model / "genes.txt").exists()
+
+    for name in ("latent.npy", "latent.h5ad"):
+        run = scvit("embed", model, "zeisel2015", "--out", tmp_path / name)
+        assert run.returncode == 0, run.stderr
+    z = np.load(tmp_path / "latent.npy")
+    assert z.shape == (3005, 8) and np.isfinite(z).all()
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "latent.h5ad").obsm["X_scvit"], z)
+
+    run = scvit("evaluate", model, "zeisel2015")
+    assert run.returncode == 0, run.stderr
+    assert "reconstruction_loss (test, " in run.stdout and "knn_accuracy" in run.stdout
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.h5ad"
+    X = sp.random(20, 10, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    X.data[:] = -1.0
+    ad.AnnData(X=X).write_h5ad(bad)
+    run = scvit("train", bad, "--out", tmp_path / "m", "--epochs", "1")
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "negative" in lines[-1]
+    assert "Traceback" not in run.stderr
+    run = scvit("evaluate", tmp_path / "nowhere", "zeisel2015")
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
