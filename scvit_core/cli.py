@@ -196,9 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "devices", None) not in (None, "auto"):
         args.devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # Lightning sets its loggers' levels when it is first imported: import it before quieting
+    # its start-up notices (accelerator summary, tips), keeping warnings and errors.
     from scvit_core.train import NonFiniteLossError
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*is deprecated.*")
 
     try:
         return args.func(args)

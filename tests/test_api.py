@@ -59,7 +59,10 @@ def test_latent_leaves_adata_untouched_unless_store(trained, zeisel):
     assert z.shape == (zeisel.n_obs, 8) and z.dtype == np.float32 and np.isfinite(z).all()
     assert_unchanged(zeisel, before)
     test = trained.get_latent_representation(zeisel, split="test")
-    np.testing.assert_array_equal(test, z[(zeisel.obs[K.SPLIT] == "test").to_numpy()])
+    # Same cells in other batches: equal up to float rounding (BLAS blocking depends on shape).
+    np.testing.assert_allclose(
+        test, z[(zeisel.obs[K.SPLIT] == "test").to_numpy()], rtol=1e-5, atol=1e-6
+    )
     copy = zeisel.copy()
     assert trained.get_latent_representation(copy, store=True) is None
     np.testing.assert_array_equal(copy.obsm[K.LATENT], z)
