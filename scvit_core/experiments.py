@@ -1,0 +1,512 @@
+"""Experiment runner: a spec -> a trained model and its metrics, cached by the spec's hash.
+
+One :class:`ExperimentSpec` names everything that defines a run (model, preset, likelihood and
+ablation switches, dataset, profile, seed, training-set fraction). :func:`run` trains and
+evaluates it once under the evaluation protocol (DESIGN.md section 5) and stores, in
+``results/<key>/``::
+
+    spec.json        the spec
+    metrics.csv      tidy metrics: metric, label_key, checkpoint, value
+    history.csv      per-epoch losses (scViT)
+    provenance.json  git commit, library versions, hardware, profile, seed, time
+    model/           the trained scViT (ScViTModel.save), reused by later notebooks
+
+A second call with the same spec reads the cache instead of training again.
+:func:`results_table` gathers every stored run into one tidy table for notebooks and the
+README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from . import _constants as K
+from .data import load_dataset, stratified_subsample
+from .profiles import get_profile
+
+RESULTS_DIR_ENV = "SCVIT_RESULTS_DIR"
+"""Environment variable naming the results directory (default ``./results``)."""
+
+MODELS = ("scvit", "untrained_scvit", "scvi", "pca", "null_nb", "null_nb_library")
+"""What a spec can run: scViT, the same network untrained, scVI, PCA-64, and the two per-gene
+negative-binomial null models (constant mean; mean scaled by library size)."""
+
+PRESETS = ("default", "paper")
+METRIC_COLUMNS = ["metric", "label_key", "checkpoint", "value"]
+_PACKAGES = ("torch", "lightning", "pyro-ppl", "anndata", "scanpy", "scvi-tools", "scvit")
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """Everything that defines one run; its :attr:`key` names the cache entry.
+
+    Attributes
+    ----------
+    model
+        One of :data:`MODELS`.
+    dataset
+        A name or path for :func:`scvit_core.load_dataset`.
+    profile
+        ``ci``, ``cpu`` or ``paper``: fixes the cell subsample and the default epochs.
+    seed
+        Seed of the weights, dropout and batch order (not of the data: every seed sees the
+        same cells).
+    preset
+        scViT's architecture: ``"default"`` (``ScViTConfig.for_genes`` of the dataset) or
+        ``"paper"`` (59,480 genes).
+    options
+        ``ScViTConfig`` overrides as sorted ``(name, value)`` pairs, e.g.
+        ``(("attention", False), ("likelihood", "corrected"))``; see :meth:`make`.
+    epochs
+        Training epochs (None: the profile's).
+    train_fraction
+        Share of the training cells used (label-stratified, the same cells for every seed);
+        validation and test cells are always all kept.
+    """
+
+    model: str = "scvit"
+    dataset: str = "zeisel2015"
+    profile: str = "cpu"
+    seed: int = 0
+    preset: str = "default"
+    options: tuple[tuple[str, Any], ...] = ()
+    epochs: int | None = None
+    train_fraction: float = 1.0
+    label: str = field(default="", compare=False)  # a display name; not part of the key
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        get_profile(self.profile)  # unknown profiles fail here, with the list of known ones
+
+    @classmethod
+    def make(cls, model: str = "scvit", *, label: str = "", **fields: Any) -> ExperimentSpec:
+        """A spec whose ``ScViTConfig`` overrides are given as keywords.
+
+        Keywords that are fields of the spec set those fields; every other keyword is a
+        ``ScViTConfig`` override (``likelihood="corrected"``, ``attention=False``, ...).
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        own = {k: v for k, v in fields.items() if k in names}
+        options = tuple(sorted((k, v) for k, v in fields.items() if k not in names))
+        return cls(model=model, options=options, label=label, **own)
+
+    @property
+    def key(self) -> str:
+        """16 hex digits of the SHA-256 of the spec (without its label)."""
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "label"}
+        text = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        """The label, or a name built from the model and its options."""
+        if self.label:
+            return self.label
+        parts = [self.model] + [f"{k}={v}" for k, v in self.options]
+        if self.train_fraction < 1:
+            parts.append(f"train_fraction={self.train_fraction}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (options as a mapping)."""
+        data = dataclasses.asdict(self)
+        data["options"] = dict(self.options)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentSpec:
+        """Inverse of :meth:`to_dict`."""
+        data = dict(data)
+        data["options"] = tuple(sorted(data.get("options", {}).items()))
+        return cls(**data)
+
+
+@dataclass
+class ExperimentResult:
+    """A finished (or cached) run."""
+
+    spec: ExperimentSpec
+    directory: Path
+    metrics: pd.DataFrame
+    history: pd.DataFrame
+    provenance: dict[str, Any]
+    cached: bool
+
+    def value(self, metric: str, *, label_key: str = "", checkpoint: str = "final") -> float:
+        """One metric's value (``checkpoint`` is ignored for metrics that have none)."""
+        rows = self.metrics[
+            (self.metrics["metric"] == metric) & (self.metrics["label_key"] == label_key)
+        ]
+        if rows["checkpoint"].ne("").any():
+            rows = rows[rows["checkpoint"] == checkpoint]
+        if len(rows) != 1:
+            raise KeyError(f"no single value for {metric!r} [{label_key!r}, {checkpoint!r}]")
+        return float(rows["value"].iloc[0])
+
+    def load_model(self, adata: ad.AnnData | None = None):
+        """The trained scViT of this run, for reuse without retraining.
+
+        Bound to ``adata``, by default the cells the run used (:func:`prepare_data`).
+        """
+        from .api import ScViTModel
+
+        path = self.directory / "model"
+        if not path.exists():
+            raise FileNotFoundError(f"run {self.spec.name!r} stored no model ({self.spec.model})")
+        return ScViTModel.load(path, prepare_data(self.spec) if adata is None else adata)
+
+
+def results_dir(directory: str | os.PathLike | None = None) -> Path:
+    """``directory``, else ``$SCVIT_RESULTS_DIR``, else ``./results``."""
+    return Path(directory or os.environ.get(RESULTS_DIR_ENV) or "results")
+
+
+def prepare_data(spec: ExperimentSpec) -> ad.AnnData:
+    """The cells a spec runs on: the dataset, the profile's subsample, the training fraction.
+
+    Every subsample is label-stratified with seed 0, so all models and seeds of a profile see
+    the same cells.
+    """
+    adata = load_dataset(spec.dataset, empty_cells="drop")
+    profile = get_profile(spec.profile)
+    if profile.max_cells and adata.n_obs > profile.max_cells:
+        adata = adata[stratified_subsample(adata.obs[K.CELL_TYPE], profile.max_cells)].copy()
+    if spec.train_fraction < 1:
+        train = np.flatnonzero(adata.obs[K.SPLIT].to_numpy() == "train")
+        n_keep = max(1, round(spec.train_fraction * len(train)))
+        kept = train[stratified_subsample(adata.obs[K.CELL_TYPE].to_numpy()[train], n_keep)]
+        keep = adata.obs[K.SPLIT].to_numpy() != "train"
+        keep[kept] = True
+        adata = adata[keep].copy()
+    return adata
+
+
+def run(
+    spec: ExperimentSpec,
+    *,
+    directory: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> ExperimentResult:
+    """Train and evaluate ``spec``, or read its cached result.
+
+    Parameters
+    ----------
+    spec
+        What to run.
+    directory
+        Results directory (see :func:`results_dir`).
+    force
+        Run again even if a cached result exists (it is replaced).
+    progress
+        Show training progress bars.
+
+    Returns
+    -------
+    ExperimentResult
+    """
+    run_dir = results_dir(directory) / spec.key
+    if (run_dir / "metrics.csv").exists() and not force:
+        return _read(run_dir, cached=True)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a stale or partial run: the directory is ours
+    tmp_dir = run_dir.with_name(run_dir.name + ".partial")
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+
+    adata = prepare_data(spec)
+    epochs = spec.epochs or get_profile(spec.profile).epochs
+    with _quiet(not progress):
+        metrics, history = _RUNNERS[spec.model](spec, adata, epochs, tmp_dir, progress)
+    metrics = metrics.reindex(columns=METRIC_COLUMNS).fillna({"checkpoint": "", "label_key": ""})
+    metrics.to_csv(tmp_dir / "metrics.csv", index=False)
+    history.to_csv(tmp_dir / "history.csv", index=False)
+    (tmp_dir / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2, default=str))
+    provenance = _provenance(spec, adata, epochs)
+    (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
+    tmp_dir.rename(run_dir)  # a run is in the cache only once it is complete
+    return _read(run_dir, cached=False)
+
+
+def run_many(specs: list[ExperimentSpec], **kwargs: Any) -> list[ExperimentResult]:
+    """:func:`run` for each spec in turn, printing one line per run."""
+    results = []
+    for i, spec in enumerate(specs, 1):
+        start = time.perf_counter()
+        result = run(spec, **kwargs)
+        state = "cached" if result.cached else f"{time.perf_counter() - start:.0f} s"
+        print(f"[{i}/{len(specs)}] {spec.name} (seed {spec.seed}): {state}", flush=True)
+        results.append(result)
+    return results
+
+
+def results_table(
+    directory: str | os.PathLike | None = None, *, specs: list[ExperimentSpec] | None = None
+) -> pd.DataFrame:
+    """Every stored run (or those of ``specs``) as one tidy table.
+
+    Columns: the spec's fields (``name`` for its display name, ``options`` as text), then
+    ``metric``, ``label_key``, ``checkpoint``, ``value``.
+    """
+    base = results_dir(directory)
+    if specs is not None:
+        dirs = [base / s.key for s in specs]
+        missing = [s.name for s, d in zip(specs, dirs, strict=True) if not d.exists()]
+        if missing:
+            raise FileNotFoundError(f"no stored result for {missing}; run them first")
+        labels = [s.label for s in specs]
+    else:
+        dirs = sorted(p for p in base.glob("*") if (p / "metrics.csv").exists())
+        labels = [None] * len(dirs)
+    frames = []
+    for path, label in zip(dirs, labels, strict=True):
+        result = _read(path, cached=True)
+        spec = dataclasses.replace(result.spec, label=label) if label else result.spec
+        table = result.metrics.copy()
+        for name, value in spec.to_dict().items():
+            table[name] = json.dumps(value, sort_keys=True) if name == "options" else value
+        table["name"] = spec.name
+        table["key"] = spec.key
+        frames.append(table)
+    if not frames:
+        return pd.DataFrame(columns=["name", "key", *METRIC_COLUMNS])
+    table = pd.concat(frames, ignore_index=True)
+    front = ["name", "model", "seed", "dataset", "profile", "train_fraction", "key"]
+    return table[front + [c for c in table.columns if c not in front]]
+
+
+def summarise(
+    table: pd.DataFrame,
+    metrics: list[str],
+    *,
+    by: str = "name",
+    label_key: str = K.CELL_TYPE,
+    checkpoint: str = "final",
+) -> pd.DataFrame:
+    """Mean, standard deviation and number of seeds of ``metrics`` per ``by`` group.
+
+    Rows whose metric has no label level (reconstruction loss, cost) are matched with
+    ``label_key=""``; rows without a checkpoint (baselines) are kept for any ``checkpoint``.
+    """
+    rows = table[table["metric"].isin(metrics)]
+    rows = rows[(rows["label_key"] == "") | (rows["label_key"] == label_key)]
+    rows = rows[(rows["checkpoint"] == "") | (rows["checkpoint"] == checkpoint)]
+    rows = rows.assign(value=pd.to_numeric(rows["value"]))
+    grouped = rows.groupby([by, "metric"], sort=False)["value"]
+    out = grouped.agg(["mean", "std", "count"]).rename(columns={"count": "seeds"})
+    return out.reset_index()
+
+
+# runners ------------------------------------------------------------------------------------
+
+
+def _scvit_config(spec: ExperimentSpec, adata: ad.AnnData):
+    from .config import ScViTConfig
+
+    options = dict(spec.options)
+    if spec.preset == "paper":
+        return ScViTConfig.paper(**options)
+    return ScViTConfig.for_genes(adata.n_vars, **options)
+
+
+def _run_scvit(spec, adata, epochs, out_dir, progress):
+    from .api import ScViTModel
+    from .evaluate import cost_metrics, evaluate_checkpoints
+
+    model = ScViTModel(adata, _scvit_config(spec, adata), seed=spec.seed)
+    start = time.perf_counter()
+    model.train(
+        epochs=epochs,
+        seed=spec.seed,
+        output_dir=out_dir / "training",
+        enable_progress_bar=progress,
+    )
+    wall = time.perf_counter() - start
+    with warnings.catch_warnings():
+        # A difference between the final and the best checkpoint is recorded, not warned.
+        warnings.simplefilter("ignore", UserWarning)
+        both = evaluate_checkpoints(model, scib=True, seed=spec.seed)
+    rows = []
+    for checkpoint in ("final", "best"):
+        part = both[["metric", "label_key", checkpoint]].rename(columns={checkpoint: "value"})
+        rows.append(part.assign(checkpoint=checkpoint))
+    n_train = int((adata.obs[K.SPLIT] == "train").sum())
+    cost = cost_metrics(wall_time_s=wall, n_cells=n_train, n_epochs=epochs, module=model.model)
+    model.save(out_dir / "model")
+    shutil.rmtree(out_dir / "training", ignore_errors=True)  # checkpoints: evaluated, saved
+    return pd.concat([*rows, _numeric(cost)], ignore_index=True), model.history
+
+
+def _run_untrained(spec, adata, epochs, out_dir, progress):
+    from .baselines import untrained_scvit
+    from .evaluate import evaluate_scvit
+
+    model = untrained_scvit(adata, _scvit_config(spec, adata), seed=spec.seed)
+    metrics = evaluate_scvit(model, scib=True, seed=spec.seed)
+    return metrics, pd.DataFrame()
+
+
+def _run_scvi(spec, adata, epochs, out_dir, progress):
+    from .baselines import scvi_latent, scvi_reconstruction_error, train_scvi
+    from .evaluate import cost_metrics, evaluate_embedding
+
+    result = train_scvi(adata, max_epochs=epochs, seed=spec.seed, enable_progress_bar=progress)
+    rec = scvi_reconstruction_error(result.model, adata, split="test")["reconstruction_loss"]
+    latent = scvi_latent(result.model, adata, split=None)
+    metrics = [
+        _reconstruction_row(rec),
+        evaluate_embedding(adata, latent, seed=spec.seed),
+        _numeric(
+            cost_metrics(
+                wall_time_s=result.wall_time_s,
+                n_cells=result.n_train,
+                n_epochs=epochs,
+                module=result.model.module,
+            )
+        ),
+    ]
+    history = pd.DataFrame(
+        {k: v.iloc[:, 0].to_numpy() for k, v in result.model.history.items() if len(v)}
+    )
+    return pd.concat(metrics, ignore_index=True), history
+
+
+def _run_pca(spec, adata, epochs, out_dir, progress):
+    from .baselines import pca_baseline
+    from .evaluate import evaluate_embedding
+
+    out = pca_baseline(adata, seed=spec.seed)
+    latent = np.zeros((adata.n_obs, out["train"].shape[1]), dtype=np.float32)
+    split = adata.obs[K.SPLIT].to_numpy()
+    for name in K.SPLITS:
+        latent[split == name] = out[name]
+    return evaluate_embedding(adata, latent, seed=spec.seed), pd.DataFrame()
+
+
+def _run_null(library_scaled: bool):
+    def runner(spec, adata, epochs, out_dir, progress):
+        from .baselines import fit_null_nb
+
+        null = fit_null_nb(adata, library_scaled=library_scaled)
+        rec = null.reconstruction_error(adata, split="test")["reconstruction_loss"]
+        return _reconstruction_row(rec), pd.DataFrame()
+
+    return runner
+
+
+_RUNNERS = {
+    "scvit": _run_scvit,
+    "untrained_scvit": _run_untrained,
+    "scvi": _run_scvi,
+    "pca": _run_pca,
+    "null_nb": _run_null(False),
+    "null_nb_library": _run_null(True),
+}
+
+
+# storage ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Lightning's and scvi-tools' start-up notices off (warnings and errors still shown)."""
+    if not enabled:
+        yield
+        return
+    import lightning  # noqa: F401  (it sets its loggers' levels on import; set ours after)
+
+    names = ("lightning.pytorch", "lightning.fabric", "scvi")
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _reconstruction_row(value: float) -> pd.DataFrame:
+    """The test NLL (scVI's units) as a metrics row."""
+    return pd.DataFrame({"metric": ["reconstruction_loss"], "label_key": [""], "value": [value]})
+
+
+def _numeric(cost: pd.DataFrame) -> pd.DataFrame:
+    """Cost rows without the hardware string (kept in the provenance instead)."""
+    return cost[cost["metric"] != "hardware"].astype({"value": float})
+
+
+def _read(run_dir: Path, *, cached: bool) -> ExperimentResult:
+    spec = ExperimentSpec.from_dict(json.loads((run_dir / "spec.json").read_text()))
+    metrics = pd.read_csv(run_dir / "metrics.csv", keep_default_na=False)
+    metrics["value"] = pd.to_numeric(metrics["value"], errors="coerce")
+    history_file = run_dir / "history.csv"
+    history = pd.read_csv(history_file) if history_file.stat().st_size > 1 else pd.DataFrame()
+    provenance = json.loads((run_dir / "provenance.json").read_text())
+    return ExperimentResult(spec, run_dir, metrics, history, provenance, cached)
+
+
+def _provenance(spec: ExperimentSpec, adata: ad.AnnData, epochs: int) -> dict[str, Any]:
+    from .evaluate import hardware_string
+
+    versions = {}
+    for package in _PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "spec_key": spec.key,
+        "git_commit": _git_commit(),
+        "versions": versions,
+        "python": platform.python_version(),
+        "hardware": hardware_string(),
+        "profile": spec.profile,
+        "seed": spec.seed,
+        "epochs": epochs,
+        "cells": {s: int((adata.obs[K.SPLIT] == s).sum()) for s in K.SPLITS},
+        "genes": int(adata.n_vars),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

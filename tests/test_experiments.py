@@ -1,0 +1,94 @@
+"""Experiment runner: spec keys, caching, provenance, the tidy results table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from scvit_core import _constants as K
+from scvit_core.experiments import (
+    ExperimentSpec,
+    prepare_data,
+    results_table,
+    run,
+    run_many,
+    summarise,
+)
+
+
+def test_spec_key_is_stable_and_ignores_the_label():
+    a = ExperimentSpec.make("scvit", likelihood="corrected", attention=False, seed=1)
+    b = ExperimentSpec.make("scvit", attention=False, likelihood="corrected", seed=1, label="x")
+    assert a.key == b.key and len(a.key) == 16
+    assert a.options == (("attention", False), ("likelihood", "corrected"))
+    assert a.key != ExperimentSpec.make("scvit", likelihood="corrected", seed=2).key
+    assert ExperimentSpec.from_dict(json.loads(json.dumps(a.to_dict()))) == a
+    assert b.name == "x" and a.name == "scvit attention=False likelihood=corrected"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(model="svm"), "model must be one of"),
+        (dict(preset="huge"), "preset must be one of"),
+        (dict(train_fraction=0), "train_fraction must be in"),
+        (dict(profile="laptop"), "unknown profile 'laptop'"),
+    ],
+)
+def test_bad_specs_are_rejected(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentSpec(**fields)
+
+
+def test_training_fraction_keeps_validation_and_test_cells():
+    full = prepare_data(ExperimentSpec(profile="ci"))
+    half = prepare_data(ExperimentSpec(profile="ci", train_fraction=0.5))
+    counts = full.obs[K.SPLIT].value_counts()
+    assert full.n_obs == 600
+    assert half.obs[K.SPLIT].value_counts()["train"] == round(0.5 * counts["train"])
+    for split in ("validation", "test"):
+        assert (half.obs[K.SPLIT] == split).sum() == counts[split]
+    # the same cells for every seed
+    again = prepare_data(ExperimentSpec(profile="ci", train_fraction=0.5, seed=3))
+    assert list(again.obs_names) == list(half.obs_names)
+
+
+def test_null_model_run_is_cached_with_provenance(tmp_path):
+    spec = ExperimentSpec.make("null_nb_library", profile="ci", label="null")
+    first = run(spec, directory=tmp_path)
+    assert not first.cached and (tmp_path / spec.key / "metrics.csv").exists()
+    assert first.provenance["profile"] == "ci" and first.provenance["cells"]["test"] > 0
+    assert set(first.provenance["versions"]) >= {"torch", "scvi-tools", "anndata"}
+    second = run(spec, directory=tmp_path)
+    assert second.cached
+    assert second.value("reconstruction_loss") == pytest.approx(first.value("reconstruction_loss"))
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_scvit_run_reuses_its_model_and_fills_the_table(tmp_path):
+    spec = ExperimentSpec.make("scvit", profile="ci", epochs=1, label="faithful")
+    (result,) = run_many([spec], directory=tmp_path)
+    # both checkpoints are evaluated, with scVI-unit reconstruction and latent readouts
+    for checkpoint in ("final", "best"):
+        assert np.isfinite(result.value("reconstruction_loss", checkpoint=checkpoint))
+        assert 0 <= result.value("knn_accuracy", label_key=K.CELL_TYPE, checkpoint=checkpoint) <= 1
+    assert result.value("n_parameters") > 1e6 and result.value("cells_per_s") > 0
+    assert list(result.history["epoch"]) == [1]
+    # the trained model is stored and reused: same test error without retraining
+    model = result.load_model()
+    rec = model.get_reconstruction_error(split="test")["reconstruction_loss"]
+    assert rec == pytest.approx(result.value("reconstruction_loss"), rel=1e-6)
+
+    table = results_table(tmp_path)
+    assert set(table["name"]) == {"faithful"}  # the label of the run is stored with it
+    relabelled = dataclasses.replace(spec, label="renamed")  # same key: the same stored run
+    labelled = results_table(tmp_path, specs=[relabelled])
+    assert set(labelled["name"]) == {"renamed"}
+    summary = summarise(labelled, ["reconstruction_loss", "knn_accuracy"])
+    assert list(summary["metric"]) == ["reconstruction_loss", "knn_accuracy"]
+    assert (summary["seeds"] == 1).all()
+    with pytest.raises(FileNotFoundError, match="no stored result"):
+        results_table(tmp_path, specs=[ExperimentSpec.make("pca", profile="ci")])
