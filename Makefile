@@ -13,6 +13,9 @@ ifneq ($(wildcard ../shared/data),)
 export SCVIT_DATA_DIR ?= $(abspath ../shared/data)
 endif
 
+# Trained models and metrics, cached by the experiment runner (scvit_core.experiments).
+export SCVIT_RESULTS_DIR ?= $(CURDIR)/results
+
 .PHONY: venv test book lint format benchmarks zeisel-check clean
 
 venv: $(STAMP)

@@ -1,7 +1,9 @@
-"""scViT: a vision-transformer autoencoder for single-cell RNA-seq, and its data layer."""
+"""scViT, a vision-transformer autoencoder for single-cell RNA-seq: data, model, training."""
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .api import ScViTModel
+from .config import ScViTConfig
 from .data import (
     CountDataError,
     GeneAlignment,
@@ -24,6 +26,8 @@ __all__ = [
     "CountDataError",
     "GeneAlignment",
     "Profile",
+    "ScViTConfig",
+    "ScViTModel",
     "add_split",
     "align_genes",
     "available_datasets",

@@ -115,8 +115,13 @@ class ExperimentSpec:
 
     @property
     def key(self) -> str:
-        """16 hex digits of the SHA-256 of the spec (without its label)."""
+        """16 hex digits of the SHA-256 of the spec (without its label) and its profile.
+
+        The profile's settings are part of the key, so redefining a profile invalidates its
+        cached runs instead of silently reusing them.
+        """
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "label"}
+        payload["profile"] = dataclasses.asdict(get_profile(self.profile))
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
