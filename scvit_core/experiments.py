@@ -113,6 +113,15 @@ class ExperimentSpec:
         options = tuple(sorted((k, v) for k, v in fields.items() if k not in names))
         return cls(model=model, options=options, label=label, **own)
 
+    @classmethod
+    def for_profile(
+        cls, model: str = "scvit", *, profile: str | None = None, **fields: Any
+    ) -> ExperimentSpec:
+        """:meth:`make` with the dataset and name of a profile (default: the current one)."""
+        chosen = get_profile(profile)
+        defaults = {"dataset": chosen.dataset, "profile": chosen.name}
+        return cls.make(model, **(defaults | fields))
+
     @property
     def key(self) -> str:
         """16 hex digits of the SHA-256 of the spec (without its label) and its profile.
@@ -193,10 +202,18 @@ def prepare_data(spec: ExperimentSpec) -> ad.AnnData:
     """The cells a spec runs on: the dataset, the profile's subsample, the training fraction.
 
     Every subsample is label-stratified with seed 0, so all models and seeds of a profile see
-    the same cells.
+    the same cells. ``dataset="hbca"`` (the ``paper`` profile) reads a stratified subsample of
+    the Human Brain Cell Atlas with :func:`scvit_core.data.load_hbca` (the file comes from
+    ``$SCVIT_DATA_DIR``; its error message says how to supply it).
     """
-    adata = load_dataset(spec.dataset, empty_cells="drop")
     profile = get_profile(spec.profile)
+    if spec.dataset == "hbca":
+        from .data import load_hbca
+
+        # Enough cells that the train split (80%) holds the largest of the report's sizes.
+        adata = load_hbca(round(max(profile.train_cells) / 0.8), progress=True)
+    else:
+        adata = load_dataset(spec.dataset, empty_cells="drop")
     if profile.max_cells and adata.n_obs > profile.max_cells:
         adata = adata[stratified_subsample(adata.obs[K.CELL_TYPE], profile.max_cells)].copy()
     if spec.train_fraction < 1:
@@ -334,7 +351,14 @@ def _scvit_config(spec: ExperimentSpec, adata: ad.AnnData):
 
     options = dict(spec.options)
     if spec.preset == "paper":
+        if adata.n_vars != ScViTConfig.paper().n_genes:
+            raise ValueError(
+                f"preset 'paper' needs the report's {ScViTConfig.paper().n_genes:,} genes, the "
+                f"data have {adata.n_vars:,}; use preset 'default' (the same structure for the "
+                "data's own genes) or align the genes first."
+            )
         return ScViTConfig.paper(**options)
+    # for_genes keeps the report's structure; with 59,480 genes it is the paper preset
     return ScViTConfig.for_genes(adata.n_vars, **options)
 
 
