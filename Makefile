@@ -1,6 +1,7 @@
 # The README's commands. Each sets up the pinned virtual environment in .venv first.
 #   make book   execute every notebook (profile cpu) and build the HTML book into _build/html
 #   make test   unit tests + nbval over notebooks/ in profile ci
+#   make results-table   the README's results table from the runs of the last `make book`
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +17,7 @@ endif
 # Trained models and metrics, cached by the experiment runner (scvit_core.experiments).
 export SCVIT_RESULTS_DIR ?= $(CURDIR)/results
 
-.PHONY: venv test book lint format benchmarks zeisel-check clean
+.PHONY: venv test book results-table lint format benchmarks zeisel-check clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,9 @@ test: $(STAMP)
 
 book: $(STAMP)
 	SCVIT_PROFILE=$(BOOK_PROFILE) $(VENV)/bin/jupyter-book build . --toc book/_toc.yml -W -n --keep-going
+
+results-table: $(STAMP)
+	$(PY) scripts/results_table.py --profile $(BOOK_PROFILE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

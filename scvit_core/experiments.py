@@ -291,6 +291,9 @@ def results_table(
 ) -> pd.DataFrame:
     """Every stored run (or those of ``specs``) as one tidy table.
 
+    Runs made under an earlier definition of their profile (whose key no longer matches) are
+    left out.
+
     Columns: the spec's fields (``name`` for its display name, ``options`` as text), then
     ``metric``, ``label_key``, ``checkpoint``, ``value``.
     """
@@ -307,12 +310,15 @@ def results_table(
     frames = []
     for path, label in zip(dirs, labels, strict=True):
         result = _read(path, cached=True)
+        if result.spec.key != path.name:
+            continue  # made under an earlier definition of its profile: stale
         spec = dataclasses.replace(result.spec, label=label) if label else result.spec
         table = result.metrics.copy()
         for name, value in spec.to_dict().items():
             table[name] = json.dumps(value, sort_keys=True) if name == "options" else value
         table["name"] = spec.name
         table["key"] = spec.key
+        table["git_commit"] = result.provenance.get("git_commit", "unknown")
         frames.append(table)
     if not frames:
         return pd.DataFrame(columns=["name", "key", *METRIC_COLUMNS])

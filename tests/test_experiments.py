@@ -92,3 +92,12 @@ def test_scvit_run_reuses_its_model_and_fills_the_table(tmp_path):
     assert (summary["seeds"] == 1).all()
     with pytest.raises(FileNotFoundError, match="no stored result"):
         results_table(tmp_path, specs=[ExperimentSpec.make("pca", profile="ci")])
+
+
+def test_runs_of_an_earlier_profile_definition_are_left_out(tmp_path):
+    spec = ExperimentSpec.make("null_nb", profile="ci")
+    run(spec, directory=tmp_path)
+    assert len(results_table(tmp_path)) == 1
+    # as if the ci profile had been redefined since: the stored key no longer matches
+    (tmp_path / spec.key).rename(tmp_path / ("0" * 16))
+    assert results_table(tmp_path).empty
