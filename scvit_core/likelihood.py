@@ -97,10 +97,18 @@ def distribution(
         ``"legacy"``, ``"corrected"`` or ``"nb"`` (see the module docstring).
     """
     logits = nb_logits(params.mean, params.theta, likelihood=likelihood)
+    # Argument validation is off: the parameters are valid by construction (clamped positive
+    # mean and theta), while the validator also checks the derived ``probs = sigmoid(logits)``,
+    # which rounds to exactly 1 in float32 for large logits (mean / theta > ~1.7e7, e.g. theta
+    # at its lower clamp) and would stop training although log_prob, computed from the
+    # logits, is finite. A NaN or infinite loss is caught by the trainer instead.
     if likelihood == "nb":
-        return dist.NegativeBinomial(total_count=params.theta, logits=logits)
+        return dist.NegativeBinomial(total_count=params.theta, logits=logits, validate_args=False)
     return dist.ZeroInflatedNegativeBinomial(
-        total_count=params.theta, logits=logits, gate_logits=params.gate_logits
+        total_count=params.theta,
+        logits=logits,
+        gate_logits=params.gate_logits,
+        validate_args=False,
     )
 
 

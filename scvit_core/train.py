@@ -177,16 +177,7 @@ def per_cell_nll(
         out.theta.float(),
         None if out.gate_logits is None else out.gate_logits.float(),
     )
-    try:
-        loss = nll(params, counts.float(), likelihood=model.config.likelihood)
-    except ValueError:
-        # pyro's argument validation rejects NaN parameters before a loss exists; report that
-        # as a non-finite loss so the caller sees one error for one cause.
-        if not all(
-            torch.isfinite(t).all() for t in (params.mean, params.theta) if t is not None
-        ) or (params.gate_logits is not None and not torch.isfinite(params.gate_logits).all()):
-            return torch.full(counts.shape[:1], math.nan, device=counts.device), out
-        raise
+    loss = nll(params, counts.float(), likelihood=model.config.likelihood)
     return loss, out
 
 

@@ -128,3 +128,20 @@ def test_extreme_inputs_are_nan_free(likelihood):
 def test_unknown_likelihood():
     with pytest.raises(ValueError, match="unknown likelihood"):
         OutputActivations("poisson")
+
+
+@pytest.mark.parametrize("likelihood", ["corrected", "nb"])
+def test_tiny_dispersion_parameter_does_not_stop_training(likelihood):
+    # theta at its lower clamp with a large mean: sigmoid(logits) rounds to 1 in float32, which
+    # pyro's argument validation rejected mid-training; log_prob itself is finite.
+    mean = torch.tensor([[100.0, 5.0]])
+    theta = torch.full_like(mean, lik.THETA_MIN)
+    gate = None if likelihood == "nb" else torch.zeros_like(mean)
+    counts = torch.tensor([[0.0, 3.0]])
+    value = nll(Params(mean, theta, gate), counts, likelihood=likelihood)
+    assert torch.isfinite(value).all()
+    r = float(lik.THETA_MIN)
+    expected = -stats.nbinom.logpmf([0, 3], r, r / (mean.double().numpy()[0] + r))
+    if likelihood == "corrected":  # gate probability 1/2 mixes in a point mass at zero
+        expected = -np.log(0.5 * np.exp(-expected) + np.array([0.5, 0.0]))
+    np.testing.assert_allclose(value.numpy()[0], expected.sum(), rtol=1e-3)
