@@ -179,13 +179,7 @@ class ScViTConfig:
         """
         n_tokens = overrides.pop("n_tokens", PAPER_TOKENS)
         patch_size = overrides.pop("patch_size", PAPER_PATCH)
-        first_in = _token_length(
-            n_genes,
-            n_tokens,
-            patch_size,
-            overrides.get("stem_padding"),
-            overrides.get("conv_stem", True),
-        )
+        first_in = _first_stage_in(n_genes, n_tokens, patch_size, overrides)
         stages = overrides.pop("stages", _paper_stages(first_in, n_tokens=n_tokens, width=width))
         dims = (_scaled(512, width), _scaled(256, width))
         overrides.setdefault("encoder_dims", (*dims, 64))
@@ -200,13 +194,7 @@ class ScViTConfig:
         n_tokens = overrides.pop("n_tokens", 8)
         patch_size = overrides.pop("patch_size", 8)
         base = dict(n_genes=n_genes, n_tokens=n_tokens, patch_size=patch_size)
-        first_in = _token_length(
-            n_genes,
-            n_tokens,
-            patch_size,
-            overrides.get("stem_padding"),
-            overrides.get("conv_stem", True),
-        )
+        first_in = _first_stage_in(n_genes, n_tokens, patch_size, overrides)
         stages = overrides.pop(
             "stages",
             (
@@ -264,6 +252,17 @@ class ScViTConfig:
             if out_dim % heads:
                 raise ValueError(f"out_dim {out_dim} is not divisible by {heads} heads")
             prev_values = tokens * out_dim
+
+
+def _first_stage_in(n_genes: int, n_tokens: int, patch_size: int, overrides: dict) -> int:
+    """Token length entering the first stage, given the stem switches among ``overrides``."""
+    return _token_length(
+        n_genes,
+        n_tokens,
+        patch_size,
+        overrides.get("stem_padding"),
+        overrides.get("conv_stem", True),
+    )
 
 
 def _token_length(
