@@ -231,6 +231,8 @@ class EncoderStage(nn.Module):
         self.drop_linear = nn.Dropout(config.dropout)
         self.norm_attn = nn.BatchNorm1d(tokens)
         self.attention = attention_or_none(config, out_dim, heads)
+        # the residual branch as a module, so attributions can be split between the two paths
+        self.skip = nn.Identity()
         self.drop_attn = nn.Dropout(config.dropout)
         self.act = nn.SELU()
 
@@ -242,7 +244,7 @@ class EncoderStage(nn.Module):
         if self.attention is not None:
             update = self.attention(x)
             _save(record, f"{self.name}.attention", update)
-            x = x + update
+            x = self.skip(x) + update
         x = self.act(self.drop_attn(x))
         _save(record, self.name, x)
         return x
@@ -261,6 +263,7 @@ class DecoderStage(nn.Module):
         tokens, out_dim, in_dim, heads = stage
         self.name, self.tokens, self.out_dim = name, tokens, out_dim
         self.attention = attention_or_none(config, out_dim, heads)
+        self.skip = nn.Identity()  # the residual branch (see EncoderStage)
         self.drop_attn = nn.Dropout(config.dropout)
         self.linear = None if last else token_linear(config, tokens, out_dim, in_dim)
         self.act = None if last else nn.SELU()
@@ -271,7 +274,7 @@ class DecoderStage(nn.Module):
         if self.attention is not None:
             update = self.attention(x)
             _save(record, f"{self.name}.attention", update)
-            x = x + update
+            x = self.skip(x) + update
         x = self.drop_attn(x)
         if self.linear is not None:
             x = self.norm(self.act(self.linear(x)))  # (B, tokens, in_dim)
