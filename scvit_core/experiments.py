@@ -181,16 +181,26 @@ class ExperimentResult:
         return float(rows["value"].iloc[0])
 
     def load_model(self, adata: ad.AnnData | None = None):
-        """The trained scViT of this run, for reuse without retraining.
+        """The trained model of this run (scViT's ``ScViTModel`` or scvi-tools' ``SCVI``).
 
-        Bound to ``adata``, by default the cells the run used (:func:`prepare_data`).
+        Bound to ``adata``, by default the cells the run used (:func:`prepare_data`); scVI gets
+        a copy, as scvi-tools registers the AnnData it is given. Runs of scVI made before
+        models were stored have none: rerun them with ``run(spec, force=True)``.
         """
-        from .api import ScViTModel
-
         path = self.directory / "model"
         if not path.exists():
-            raise FileNotFoundError(f"run {self.spec.name!r} stored no model ({self.spec.model})")
-        return ScViTModel.load(path, prepare_data(self.spec) if adata is None else adata)
+            raise FileNotFoundError(
+                f"run {self.spec.name!r} stored no model ({self.spec.model}); models are kept "
+                "for scvit and scvi runs (rerun with run(spec, force=True) if it predates that)"
+            )
+        adata = prepare_data(self.spec) if adata is None else adata
+        if self.spec.model == "scvi":
+            import scvi
+
+            return scvi.model.SCVI.load(str(path), adata=adata.copy())
+        from .api import ScViTModel
+
+        return ScViTModel.load(path, adata)
 
 
 def results_dir(directory: str | os.PathLike | None = None) -> Path:
@@ -427,6 +437,7 @@ def _run_scvi(spec, adata, epochs, out_dir, progress):
     history = pd.DataFrame(
         {k: v.iloc[:, 0].to_numpy() for k, v in result.model.history.items() if len(v)}
     )
+    result.model.save(str(out_dir / "model"))  # scvi-tools' own format, for later notebooks
     return pd.concat(metrics, ignore_index=True), history
 
 

@@ -101,3 +101,12 @@ def test_runs_of_an_earlier_profile_definition_are_left_out(tmp_path):
     # as if the ci profile had been redefined since: the stored key no longer matches
     (tmp_path / spec.key).rename(tmp_path / ("0" * 16))
     assert results_table(tmp_path).empty
+
+
+def test_scvi_run_stores_its_model(tmp_path):
+    spec = ExperimentSpec.make("scvi", profile="ci", epochs=1)
+    (result,) = run_many([spec], directory=tmp_path)
+    model = result.load_model()
+    assert model.is_trained and model.module.n_latent == 64
+    adata = prepare_data(spec)
+    assert model.get_latent_representation(adata).shape == (adata.n_obs, 64)
