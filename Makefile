@@ -1,13 +1,25 @@
 # The README's commands. Each sets up the pinned virtual environment in .venv first.
-#   make book   execute every notebook (profile cpu) and build the HTML book into _build/html
+#   make book   execute every notebook (profile cpu) and build the HTML book into
+#               _build/cpu/_build/html (BOOK_PROFILE=ci|paper: _build/<profile>/_build/html)
 #   make test   unit tests + nbval over notebooks/ in profile ci
+#   make check-book   build the book in profile ci and check every page in headless Chromium
 #   make results-table   the README's results table from the runs of the last `make book`
+#   make readme-figure   copy the README's key figure out of the last `make book`
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BOOK_PROFILE ?= cpu
+BOOK_TOC ?= book/_toc.yml
+# One build directory per profile: Jupyter Book's execution cache is keyed on a notebook's
+# content, not on SCVIT_PROFILE, so a shared cache would serve one profile's outputs to another.
+BOOK_DIR = _build/$(BOOK_PROFILE)
+BOOK_HTML = $(BOOK_DIR)/_build/html
+# The README's key figure: an image of a section of a chapter, copied from the built book.
+FIGURE_PAGE ?= notebooks/04_ablations
+FIGURE_SECTION ?= figure-1-loss-curves-of-the-variants
+FIGURE_OUT ?= book/figures/key_figure.png
 
 # Real datasets beside the checkout (never committed); tests that need them skip without them.
 ifneq ($(wildcard ../shared/data),)
@@ -17,7 +29,8 @@ endif
 # Trained models and metrics, cached by the experiment runner (scvit_core.experiments).
 export SCVIT_RESULTS_DIR ?= $(CURDIR)/results
 
-.PHONY: venv test book results-table lint format benchmarks zeisel-check clean
+.PHONY: venv test book check-book browser readme-figure results-table lint format benchmarks \
+	zeisel-check clean
 
 venv: $(STAMP)
 
@@ -30,8 +43,24 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 test: $(STAMP)
 	SCVIT_PROFILE=ci $(PY) -m pytest
 
+# Sphinx and the execution cache rebuild only what changed since the last build of the profile.
+JB_BUILD = $(VENV)/bin/jupyter-book build . --toc $(BOOK_TOC) -W -n --keep-going --path-output
 book: $(STAMP)
-	SCVIT_PROFILE=$(BOOK_PROFILE) $(VENV)/bin/jupyter-book build . --toc book/_toc.yml -W -n --keep-going
+	SCVIT_PROFILE=$(BOOK_PROFILE) $(JB_BUILD) $(BOOK_DIR)
+
+# Headless Chromium (Debian's package, installed with apt-get when missing) checks every page:
+# no error output, no JavaScript errors, images load, internal links resolve, the sidebar
+# reaches every chapter.
+check-book: $(STAMP)
+	SCVIT_PROFILE=ci $(JB_BUILD) _build/ci
+	$(PY) scripts/check_book.py _build/ci/_build/html --toc $(BOOK_TOC)
+
+browser: $(STAMP)
+	$(PY) scripts/check_book.py --browser-only
+
+readme-figure: $(STAMP)
+	$(PY) scripts/readme_figure.py $(BOOK_HTML)/$(FIGURE_PAGE).html \
+		--section $(FIGURE_SECTION) --out $(FIGURE_OUT)
 
 results-table: $(STAMP)
 	$(PY) scripts/results_table.py --profile $(BOOK_PROFILE)

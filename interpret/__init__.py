@@ -1,6 +1,89 @@
 """Per-layer attributions and representation diagnostics for PyTorch autoencoders.
 
-The methods (DeepSHAP, Captum layer attributions, attention and representation
-diagnostics) arrive with the interpretation work; the package exists from the start so
-that both packages install and are imported the same way.
+:mod:`interpret.safe` builds an attribution-safe copy of a model (exact DeepLIFT rules for
+softmax, products, LayerNorm and every element-wise activation; the same numbers as the fast
+path) and reaches any layer's output through a probe. :mod:`interpret.attribution` runs
+DeepSHAP and Captum's layer methods on it, each result carrying its own sanity figure, and
+compares methods and randomised models. :mod:`interpret.diagnostics` measures attention,
+tokens and representations; :func:`diagnose` runs all of it on one trained scViT as one report
+(also ``scvit diagnose`` on the command line); :mod:`interpret.genes` checks gene-level
+attributions against marker genes.
 """
+
+from .attribution import (
+    METHODS,
+    AttributionResult,
+    ClassifierTarget,
+    LatentTarget,
+    MeanTarget,
+    Sanity,
+    ScviEncoder,
+    attribute,
+    method_agreement,
+    parameter_blocks,
+    prepare,
+    randomisation_check,
+    rank_agreement,
+    reinitialise,
+    scvi_encoder,
+    tolerance,
+)
+from .genes import PBMC_MARKERS, class_gene_scores, de_markers, marker_recovery
+from .report import Diagnosis, branch_shares, diagnose, diagnose_run
+from .safe import (
+    Probe,
+    Product,
+    ProductMatMul,
+    Rescale,
+    SafeLayerNorm,
+    SafeLogSoftmax,
+    SafeOutputActivations,
+    SafeSoftmax,
+    attribution_fast,
+    attribution_safe,
+    branch_complement,
+    deeplift_rules,
+    layer_names,
+    probe,
+)
+
+__all__ = [
+    "METHODS",
+    "PBMC_MARKERS",
+    "AttributionResult",
+    "ClassifierTarget",
+    "Diagnosis",
+    "LatentTarget",
+    "MeanTarget",
+    "Probe",
+    "Product",
+    "ProductMatMul",
+    "Rescale",
+    "SafeLayerNorm",
+    "SafeLogSoftmax",
+    "SafeOutputActivations",
+    "SafeSoftmax",
+    "Sanity",
+    "ScviEncoder",
+    "attribute",
+    "attribution_fast",
+    "attribution_safe",
+    "branch_complement",
+    "branch_shares",
+    "class_gene_scores",
+    "de_markers",
+    "deeplift_rules",
+    "diagnose",
+    "diagnose_run",
+    "layer_names",
+    "marker_recovery",
+    "method_agreement",
+    "parameter_blocks",
+    "prepare",
+    "probe",
+    "randomisation_check",
+    "rank_agreement",
+    "reinitialise",
+    "scvi_encoder",
+    "tolerance",
+]

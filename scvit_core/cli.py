@@ -1,10 +1,11 @@
-"""The ``scvit`` command line: ``train``, ``embed`` and ``evaluate``.
+"""The ``scvit`` command line: ``train``, ``embed``, ``evaluate`` and ``diagnose``.
 
 ::
 
     scvit train zeisel2015 --epochs 10 --out runs/zeisel
     scvit embed runs/zeisel zeisel2015 --out latent.h5ad
     scvit evaluate runs/zeisel zeisel2015
+    scvit diagnose runs/zeisel zeisel2015 --out runs/zeisel/diagnosis
 
 Bad input (not raw counts, unknown dataset, missing files, ...) prints one line
 ``error: ...`` and exits with status 2; a NaN loss during training exits with status 1.
@@ -139,6 +140,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from scvit_core.api import ScViTModel
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite")
+    from interpret import diagnose  # the optional `interpret` extra
+
+    adata = _load(args.data, layer=args.layer, max_cells=None, seed=args.seed)
+    model = ScViTModel.load(args.model, adata)
+    report = diagnose(
+        model,
+        adata,
+        max_cells=args.max_cells,
+        attribution_cells=args.attribution_cells,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    report.save(out)
+    for name, value in report.headline().items():
+        print(f"{name}: {value:.4g}")
+    print(f"wrote {len(report.tables)} tables and their figures to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``scvit`` argument parser."""
     parser = argparse.ArgumentParser(prog="scvit", description=__doc__.split("\n")[0])
@@ -188,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--layer", default=None)
     evaluate.add_argument("--max-cells", type=int, default=None)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    diag = sub.add_parser(
+        "diagnose", help="attention, attribution and representation diagnostics of a model"
+    )
+    diag.add_argument("model", help="model directory written by 'scvit train'")
+    diag.add_argument("data", help="dataset name or .h5ad path (with obs 'split', 'cell_type')")
+    diag.add_argument("--out", required=True, help="directory for the tables and figures")
+    diag.add_argument("--overwrite", action="store_true")
+    diag.add_argument("--layer", default=None)
+    diag.add_argument("--max-cells", type=int, default=1000, help="cells diagnosed")
+    diag.add_argument("--attribution-cells", type=int, default=16, help="test cells explained")
+    diag.add_argument("--seed", type=int, default=0, help="seed of the training run")
+    diag.add_argument("--no-progress", action="store_true", help="no progress bar")
+    diag.set_defaults(func=cmd_diagnose)
     return parser
 
 

@@ -80,22 +80,21 @@ class ReportMLP(nn.Module):
         return self.layers(z)
 
 
-def mlp_predict(
+def fit_report_mlp(
     z_train: np.ndarray,
     y_train: np.ndarray,
-    z_test: np.ndarray,
     *,
     n_classes: int | None = None,
     epochs: int = 10,
     lr: float = 0.005,
     batch_size: int = 256,
     seed: int = 0,
-) -> np.ndarray:
-    """Train :class:`ReportMLP` on ``(z_train, y_train)`` and predict classes of ``z_test``.
+) -> ReportMLP:
+    """Train :class:`ReportMLP` on ``(z_train, y_train)``; returned in eval mode.
 
     Parameters
     ----------
-    z_train, z_test
+    z_train
         Latents ``(cells, dims)``; used as they are (the report does not standardise them).
     y_train
         Integer class codes ``0 .. K-1``.
@@ -110,8 +109,9 @@ def mlp_predict(
 
     Returns
     -------
-    numpy.ndarray
-        Predicted class codes ``(test cells,)``.
+    ReportMLP
+        The trained classifier (its output is log class probabilities; the interpretation
+        package attributes its logits, see :class:`interpret.attribution.ClassifierTarget`).
     """
     y_train = np.asarray(y_train, dtype=np.int64)
     k = int(n_classes if n_classes is not None else y_train.max() + 1)
@@ -133,9 +133,45 @@ def mlp_predict(
                 opt.zero_grad()
                 loss_fn(model(z[idx]), y[idx]).backward()
                 opt.step()
-        model.eval()
-        with torch.no_grad():
-            logp = model(torch.as_tensor(np.asarray(z_test, dtype=np.float32)))
+    return model.eval()
+
+
+def mlp_predict(
+    z_train: np.ndarray,
+    y_train: np.ndarray,
+    z_test: np.ndarray,
+    *,
+    n_classes: int | None = None,
+    epochs: int = 10,
+    lr: float = 0.005,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> np.ndarray:
+    """Train :class:`ReportMLP` on ``(z_train, y_train)`` and predict classes of ``z_test``.
+
+    Parameters
+    ----------
+    z_train, z_test
+        Latents ``(cells, dims)``.
+    y_train, n_classes, epochs, lr, batch_size, seed
+        As in :func:`fit_report_mlp`, which trains the classifier.
+
+    Returns
+    -------
+    numpy.ndarray
+        Predicted class codes ``(test cells,)``.
+    """
+    model = fit_report_mlp(
+        z_train,
+        y_train,
+        n_classes=n_classes,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    with torch.no_grad():
+        logp = model(torch.as_tensor(np.asarray(z_test, dtype=np.float32)))
     return logp.argmax(1).numpy()
 
 

@@ -93,6 +93,9 @@ class TrainConfig:
         Lightning's progress bar.
     num_workers
         DataLoader workers used by callers that build loaders (the API and the CLI).
+    grad_norm_every
+        Record the L2 norm of each parameter group's gradient every this many optimiser
+        steps (0: off); see :class:`GradNormLogger` and :attr:`TrainResult.grad_norms`.
     """
 
     epochs: int = 10
@@ -110,6 +113,7 @@ class TrainConfig:
     gradient_clip_val: float | None = None
     enable_progress_bar: bool = True
     num_workers: int = 0
+    grad_norm_every: int = 0
 
     def __post_init__(self) -> None:
         if self.input_transform not in INPUT_TRANSFORMS:
@@ -120,6 +124,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.grad_norm_every < 0:
+            raise ValueError(f"grad_norm_every must be >= 0, got {self.grad_norm_every}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dictionary."""
@@ -222,8 +228,9 @@ class ScViTLightning(L.LightningModule):
     -----
     Both configs are stored as plain dictionaries in the checkpoint's hyper-parameters, so a
     checkpoint rebuilds its module with ``ScViTLightning.load_from_checkpoint(path)``. The
-    per-epoch history (train and validation loss, learning rate) is saved in the checkpoint
-    too, so a resumed run keeps its earlier epochs.
+    per-epoch history (train and validation loss, learning rate) and the gradient norms
+    recorded by :class:`GradNormLogger` are saved in the checkpoint too, so a resumed run keeps
+    its earlier epochs.
     """
 
     def __init__(
@@ -244,6 +251,7 @@ class ScViTLightning(L.LightningModule):
         self.model_config, self.train_config = model_config, train_config
         self.model = ScViT(model_config)
         self.history: list[dict[str, float]] = []
+        self.grad_norms: list[dict[str, Any]] = []  # rows written by GradNormLogger
         self._sums = {"train": [0.0, 0], "val": [0.0, 0]}
         self._batch_idx = 0
         self._epoch_start = time.perf_counter()
@@ -349,9 +357,59 @@ class ScViTLightning(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["scvit_history"] = [dict(row) for row in self.history]
+        checkpoint["scvit_grad_norms"] = [dict(row) for row in self.grad_norms]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = [dict(row) for row in checkpoint.get("scvit_history", [])]
+        self.grad_norms = [dict(row) for row in checkpoint.get("scvit_grad_norms", [])]
+
+
+def grad_norms_by_module(module: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of each parameter group of ``module``.
+
+    A group is the parameters owned directly by one submodule, named by its path (the
+    parameter name without its last component: ``encoder.0.attention`` holds
+    ``in_proj_weight`` and ``in_proj_bias``, ``encoder.0.attention.out_proj`` its own two).
+    Parameters without a gradient are left out; the root module's own parameters form the
+    group ``""``.
+    """
+    grads: dict[str, list[torch.Tensor]] = {}
+    for name, param in module.named_parameters():
+        if param.grad is not None:
+            grads.setdefault(name.rpartition(".")[0], []).append(param.grad.detach())
+    if not grads:
+        return {}
+    # One squared sum per group, moved to the host in one transfer.
+    squares = torch.stack([sum(g.double().pow(2).sum() for g in group) for group in grads.values()])
+    return dict(zip(grads, squares.sqrt().tolist(), strict=True))
+
+
+class GradNormLogger(L.Callback):
+    """Record each parameter group's gradient norm every ``every`` optimiser steps.
+
+    Runs after the backward pass and before the optimiser step (gradients are unscaled by
+    then under mixed precision, and not yet clipped). Rows ``{"step", "epoch", "group",
+    "grad_norm"}`` are appended to ``pl_module.grad_norms``, with groups as in
+    :func:`grad_norms_by_module` over the network ``pl_module.model``; ``step`` is the
+    0-based optimiser step and ``epoch`` the 0-based epoch it belongs to.
+    """
+
+    def __init__(self, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.every = every
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any
+    ) -> None:
+        step = trainer.global_step
+        if step % self.every:
+            return
+        epoch = trainer.current_epoch
+        for group, norm in grad_norms_by_module(pl_module.model).items():
+            pl_module.grad_norms.append(
+                {"step": step, "epoch": epoch, "group": group, "grad_norm": norm}
+            )
 
 
 @dataclass
@@ -369,6 +427,10 @@ class TrainResult:
         Paths written by Lightning's ModelCheckpoint ("" if none).
     log_dir
         Directory of the CSV log.
+    grad_norms
+        With ``TrainConfig.grad_norm_every > 0``: one row per recorded step and parameter
+        group, ``step``, ``epoch``, ``group``, ``grad_norm`` (see :class:`GradNormLogger`);
+        empty otherwise. Aggregate it with :func:`interpret.diagnostics.grad_norm_share`.
     """
 
     history: pd.DataFrame
@@ -376,6 +438,7 @@ class TrainResult:
     best_checkpoint: str
     last_checkpoint: str
     log_dir: str
+    grad_norms: pd.DataFrame = dataclasses.field(default_factory=lambda: grad_norm_frame([]))
 
 
 def fit(
@@ -429,6 +492,8 @@ def fit(
         save_last=True,
     )
     callbacks: list[L.Callback] = [checkpoint]
+    if cfg.grad_norm_every:
+        callbacks.append(GradNormLogger(cfg.grad_norm_every))
     if cfg.early_stopping_patience is not None and val_loader is not None:
         callbacks.append(
             EarlyStopping(monitor="val_loss", mode="min", patience=cfg.early_stopping_patience)
@@ -479,6 +544,7 @@ def fit(
         best_checkpoint=checkpoint.best_model_path,
         last_checkpoint=checkpoint.last_model_path,
         log_dir=logger.log_dir,
+        grad_norms=grad_norm_frame(module.grad_norms),
     )
 
 
@@ -494,3 +560,8 @@ def history_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
     """Per-epoch history rows as a DataFrame with fixed columns."""
     columns = ["epoch", "train_loss", "val_loss", "lr", "time_s"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def grad_norm_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Gradient-norm rows (:class:`GradNormLogger`) as a DataFrame with fixed columns."""
+    return pd.DataFrame(rows, columns=["step", "epoch", "group", "grad_norm"])

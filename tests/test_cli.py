@@ -1,4 +1,5 @@
-"""``scvit train`` -> ``embed`` -> ``evaluate`` in fresh processes, and clean errors."""
+"""``scvit train`` -> ``embed`` -> ``evaluate`` -> ``diagnose`` in fresh processes, and clean
+errors."""
 
 from __future__ import annotations
 
@@ -45,6 +46,15 @@ def test_train_embed_evaluate(tmp_path):
     run = scvit("evaluate", model, "zeisel2015")
     assert run.returncode == 0, run.stderr
     assert "reconstruction_loss (test, " in run.stdout and "knn_accuracy" in run.stdout
+
+    report = tmp_path / "diagnosis"
+    args = ("--max-cells", "300", "--attribution-cells", "2", "--no-progress", "--out", report)
+    run = scvit("diagnose", model, "zeisel2015", *args)
+    assert run.returncode == 0, run.stderr
+    assert "attention entropy / uniform" in run.stdout
+    assert (report / "diagnosis.json").exists() and (report / "probes.csv").exists()
+    run = scvit("diagnose", model, "zeisel2015", *args)  # refuses to overwrite a report
+    assert run.returncode == 2 and "--overwrite" in run.stderr
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):

@@ -142,3 +142,34 @@ def test_resume_from_checkpoint(zeisel, tmp_path):
     assert result.history["epoch"].tolist() == [1, 2]
     np.testing.assert_equal(result.history["val_loss"].iloc[0], first.history["val_loss"].iloc[0])
     assert math.isnan(result.initial_val_loss)
+
+
+def test_grad_norm_logging_every_group(zeisel, tmp_path):
+    config = ScViTConfig.small(N_GENES)
+    module = make_module(config, grad_norm_every=2)
+    result = fit(module, *loaders(zeisel), output_dir=tmp_path)
+    frame = result.grad_norms
+    assert list(frame.columns) == ["step", "epoch", "group", "grad_norm"]
+    n_steps = math.ceil((zeisel.obs["split"] == "train").sum() / 64)
+    assert sorted(frame["step"].unique()) == list(range(0, n_steps, 2))
+    assert set(frame["epoch"]) == {0}
+    groups = {name.rpartition(".")[0] for name, _ in module.model.named_parameters()}
+    for _, rows in frame.groupby("step"):
+        assert set(rows["group"]) == groups and len(rows) == len(groups)
+    assert np.isfinite(frame["grad_norm"]).all() and (frame["grad_norm"] > 0).all()
+    # kept in the checkpoint like the history; off by default
+    state = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert len(state["scvit_grad_norms"]) == len(frame)
+    assert TrainConfig().grad_norm_every == 0
+    with pytest.raises(ValueError, match="grad_norm_every"):
+        TrainConfig(grad_norm_every=-1)
+
+
+def test_grad_norms_by_module_matches_hand_computation():
+    from scvit_core.train import grad_norms_by_module
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1, bias=False))
+    net(torch.ones(4, 3)).sum().backward()
+    norms = grad_norms_by_module(net)
+    first = torch.cat([net[0].weight.grad.flatten(), net[0].bias.grad]).norm()
+    assert norms == pytest.approx({"0": float(first), "1": float(net[1].weight.grad.norm())})

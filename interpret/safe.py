@@ -1,0 +1,667 @@
+"""An attribution-safe copy of a PyTorch model: exact DeepLIFT rules, same numbers.
+
+DeepLIFT (Captum's ``DeepLift``) and DeepSHAP (shap's ``DeepExplainer``) both run *one*
+forward pass on a batch made of two equal halves, ``[inputs; references]`` (shap: one cell
+repeated once per background cell, then the background), and read the attribution of a unit
+``u`` as ``m_u * (u(x) - u(r))``, where the multiplier ``m_u`` is whatever the backward pass
+returns. Completeness, ``sum_u m_u (u(x) - u(r)) = f(x) - f(r)``, holds exactly when every
+operation's backward maps multipliers by a rule that is exact for the pair ``(x, r)``. The
+libraries have such rules only for modules in their own tables (shap's ``op_handler``, Captum's
+``SUPPORTED_NON_LINEAR``); everything else gets the plain gradient, which is exact for linear
+maps only. Functional softmax and products (fused attention), LayerNorm and activations missing
+from a table (``nn.SELU`` in Captum 0.9) therefore break completeness, by an amount nobody
+reports. This module replaces every nonlinearity by a module whose backward *is* the rule:
+
+``Rescale(fn)``
+    Any element-wise ``fn``. Multiplier ``(fn(x) - fn(r)) / (x - r)`` for both halves (the
+    derivative at the midpoint where ``x`` and ``r`` nearly coincide). Exact for any
+    element-wise function, monotonic or not, so a composite such as ``clamp(relu(.))`` is one
+    ``Rescale``.
+``Product`` / ``ProductMatMul``
+    ``a * b`` and ``a @ b`` with the two-factor Shapley rule
+    ``Δ(ab) = ½(a_x + a_r) Δb + Δa ½(b_x + b_r)``, exact.
+``SafeSoftmax`` / ``SafeLogSoftmax`` / ``SafeLayerNorm``
+    Written as ``Rescale`` and ``Product`` pieces around linear operations, hence exact.
+
+All rules apply only inside :func:`deeplift_rules`; outside it (the default, and what
+integrated gradients, conductance and internal influence need) the modules compute ordinary
+gradients. Forward values equal the original modules' within float32 rounding in both modes.
+
+:func:`attribution_safe` builds the copy (the user's model is never modified); :func:`probe`
+returns an identity :class:`Probe` module run on a layer's output, so shap (which attributes
+to a module's *input*) and Captum's layer methods (a module's *output*) attribute the same
+tensor. :func:`layer_names` lists the names a model understands: for scViT those of
+:meth:`~scvit_core.model.ScViT.forward_intermediates` plus ``{stage}.skip`` and
+``{stage}.residual`` (the residual sum ``skip + attention``); for any other model the dotted
+paths of its submodules.
+
+Assumptions: the batch is the first dimension of every tensor entering a rule module (true of
+scViT, scVI's encoder and the report's MLP). ``nn.MultiheadAttention`` is refused: its softmax
+and products are functional calls that no module swap can reach.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scvit_core import likelihood as L
+from scvit_core.likelihood import OutputActivations
+from scvit_core.model import Attention, ScViT
+
+MODES = ("gradient", "deeplift")
+
+# |x - r| below this (relative to max(1, |x|, |r|)) uses the derivative at the midpoint instead
+# of the secant: there the secant is 0 / 0 or rounding noise, while the derivative differs
+# from the exact secant only at second order in |x - r|.
+SECANT_EPS = 1e-6
+
+# Class names that shap's DeepExplainer may treat as "passthrough" (plain gradient): the rule
+# modules (their backward is already the rule) and scViT's linear building blocks. Registered
+# only while an explanation runs (:func:`shap_passthrough`).
+SHAP_PASSTHROUGH = (
+    "Rescale",
+    "Product",
+    "ProductMatMul",
+    "Probe",
+    "MatmulConv1d",
+    "PatchwiseLinear",
+    "GeneBlocks",
+    "NonDynamicallyQuantizableLinear",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# the rules
+# --------------------------------------------------------------------------------------------
+
+
+class RuleModule(nn.Module):
+    """Base of the modules whose backward follows :func:`deeplift_rules` when it is active."""
+
+    mode: str = "gradient"
+
+
+def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if t.shape[0] % 2:
+        raise RuntimeError(
+            "DeepLIFT rules need a batch of two equal halves [inputs; references], got a batch "
+            f"of {t.shape[0]}; run the backward pass inside a DeepLift/DeepExplainer call only"
+        )
+    return t.chunk(2)
+
+
+def _pair_mean(t: torch.Tensor) -> torch.Tensor:
+    """``½(t_x + t_r)`` for both halves; a tensor shared by the batch (dim 0 of 1) is kept."""
+    if t.dim() == 0 or t.shape[0] == 1:
+        return t
+    a, b = _halves(t)
+    mean = (a + b) / 2
+    return torch.cat([mean, mean])
+
+
+class _RescaleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable) -> torch.Tensor:
+        y = fn(x)
+        ctx.save_for_backward(x, y)
+        ctx.fn = fn
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, y = ctx.saved_tensors
+        x_in, x_ref = _halves(x)
+        y_in, y_ref = _halves(y)
+        dx, dy = x_in - x_ref, y_in - y_ref
+        scale = torch.maximum(x_in.abs(), x_ref.abs()).clamp_min(1.0)
+        near = dx.abs() < SECANT_EPS * scale
+        # the secant of the forward's own outputs, so m * dx reproduces dy to rounding
+        secant = dy / torch.where(near, torch.ones_like(dx), dx)
+        if near.any():
+            with torch.enable_grad():
+                mid = ((x_in + x_ref) / 2).detach().requires_grad_()
+                (slope,) = torch.autograd.grad(ctx.fn(mid).sum(), mid)  # element-wise fn
+            secant = torch.where(near, slope, secant)
+        return grad_y * torch.cat([secant, secant]), None
+
+
+class Rescale(RuleModule):
+    """Element-wise ``fn`` with DeepLIFT's rescale rule, exact for any element-wise function.
+
+    Parameters
+    ----------
+    fn
+        An element-wise function of one tensor (``F.selu``, a clamp of a softplus, ...). It is
+        stored as a plain callable, not a module, so no library sees an activation module to
+        apply its own rule to.
+    name
+        Shown in ``repr``.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str | None = None):
+        super().__init__()
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "deeplift" and torch.is_grad_enabled():
+            return _RescaleFunction.apply(x, self.fn)
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class _ProductFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, matmul: bool) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.matmul = matmul
+        return torch.matmul(a, b) if matmul else a * b
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        a, b = ctx.saved_tensors
+        # Shapley rule: each factor's multiplier is the pair mean of the other factor
+        a_bar, b_bar = _pair_mean(a), _pair_mean(b)
+        grad_a = grad_b = None
+        if ctx.matmul:
+            if ctx.needs_input_grad[0]:
+                grad_a = torch.matmul(grad_y, b_bar.transpose(-2, -1))
+            if ctx.needs_input_grad[1]:
+                grad_b = torch.matmul(a_bar.transpose(-2, -1), grad_y)
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_a = grad_y * b_bar
+            if ctx.needs_input_grad[1]:
+                grad_b = grad_y * a_bar
+        # undo broadcasting
+        grad_a = None if grad_a is None else _sum_to(grad_a, a.shape)
+        grad_b = None if grad_b is None else _sum_to(grad_b, b.shape)
+        return grad_a, grad_b, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return t if t.shape == shape else t.sum_to_size(shape)
+
+
+class Product(RuleModule):
+    """``a * b`` (broadcasting) with the exact two-factor Shapley rule under DeepLIFT."""
+
+    matmul = False
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.mode == "deeplift" and torch.is_grad_enabled():
+            return _ProductFunction.apply(a, b, self.matmul)
+        return torch.matmul(a, b) if self.matmul else a * b
+
+
+class ProductMatMul(Product):
+    """``a @ b`` with the exact two-factor Shapley rule under DeepLIFT (attention's products)."""
+
+    matmul = True
+
+
+class SafeSoftmax(RuleModule):
+    """Softmax as ``exp(s - c) * (1 / sum)``: two :class:`Rescale` and one :class:`Product`.
+
+    Under DeepLIFT the stabiliser ``c`` must be the same constant for an input and its
+    reference (it is subtracted before the ``exp``, so a different ``c`` would be an unexplained
+    shift): it is the midpoint of the pair's row maxima, which keeps ``exp`` within float32 for
+    score gaps up to about 170 between the pair. Otherwise (odd batch, gradient mode) it is
+    each row's maximum, as in ``torch.softmax``.
+    """
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.exp = Rescale(torch.exp, "exp")
+        self.reciprocal = Rescale(torch.reciprocal, "reciprocal")
+        self.product = Product()
+
+    def _shifted(self, s: torch.Tensor) -> torch.Tensor:
+        c = s.detach().amax(self.dim, keepdim=True)
+        if self.mode == "deeplift" and s.shape[0] % 2 == 0:
+            c_in, c_ref = c.chunk(2)
+            mid = (c_in + c_ref) / 2
+            c = torch.cat([mid, mid])
+        return s - c
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        e = self.exp(self._shifted(s))
+        return self.product(e, self.reciprocal(e.sum(self.dim, keepdim=True)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class SafeLogSoftmax(SafeSoftmax):
+    """Log-softmax as ``(s - c) - log(sum exp(s - c))``, exact under DeepLIFT."""
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__(dim)
+        del self.reciprocal, self.product
+        self.log = Rescale(torch.log, "log")
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        shifted = self._shifted(s)
+        return shifted - self.log(self.exp(shifted).sum(self.dim, keepdim=True))
+
+
+def _rsqrt_eps(v: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(v + eps)
+
+
+class SafeLayerNorm(RuleModule):
+    """``nn.LayerNorm`` as ``(x - mean) * rsqrt(var + eps) * weight + bias``, exact under DeepLIFT.
+
+    Same parameter names as ``nn.LayerNorm`` (``weight``, ``bias``), so state dicts load.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: tuple[int, ...],
+        eps: float = 1e-5,
+        *,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = tuple(normalized_shape)
+        self.eps = eps
+        shape = self.normalized_shape
+        self.weight = nn.Parameter(torch.ones(shape)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(shape)) if elementwise_affine and bias else None
+        self.square = Rescale(torch.square, "square")
+        self.rsqrt = Rescale(functools.partial(_rsqrt_eps, eps=eps), f"rsqrt(. + {eps:g})")
+        self.product = Product()
+
+    @classmethod
+    def from_layer_norm(cls, m: nn.LayerNorm) -> SafeLayerNorm:
+        """A copy of ``m``'s parameters in a :class:`SafeLayerNorm`."""
+        safe = cls(
+            m.normalized_shape,
+            m.eps,
+            elementwise_affine=m.elementwise_affine,
+            bias=m.bias is not None,
+        )
+        safe.load_state_dict(m.state_dict())
+        return safe.to(m.weight.device if m.weight is not None else "cpu")
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        d = x - x.mean(dims, keepdim=True)
+        var = self.square(d).mean(dims, keepdim=True)  # biased, as nn.LayerNorm
+        y = self.product(d, self.rsqrt(var))
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+# element-wise composites of the likelihood heads (module-level so copies and pickles work)
+
+
+def _relu_clamp(a: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return F.relu(a).clamp(lo, hi)
+
+
+def _softplus_clamp(a: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return F.softplus(a).clamp(lo, hi)
+
+
+def _inverse_softplus_clamp(a: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return 1.0 / F.softplus(a).clamp(lo, hi)
+
+
+def _clamp(a: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return a.clamp(lo, hi)
+
+
+class SafeOutputActivations(RuleModule):
+    """:class:`~scvit_core.likelihood.OutputActivations` built from rule modules.
+
+    Each output is one :class:`Rescale` composite (a clamp of a ReLU or softplus, the legacy
+    head's ``1 / clamp(softplus)``); the library-scaled mean is
+    ``clamp(SafeSoftmax(a) * library)`` with the product as a :class:`Product`.
+    """
+
+    def __init__(self, likelihood: str, *, library_scaling: bool = False) -> None:
+        super().__init__()
+        self.likelihood, self.library_scaling = likelihood, library_scaling
+        part = functools.partial
+        if likelihood == "legacy":
+            lo, hi = L.LEGACY_MEAN_MIN, L.LEGACY_MEAN_MAX
+            self.mean_act = Rescale(part(_relu_clamp, lo=lo, hi=hi), "clamp(relu)")
+            lo, hi = L.LEGACY_DISPERSION_MIN, L.LEGACY_DISPERSION_MAX
+            self.theta_act = Rescale(part(_inverse_softplus_clamp, lo=lo, hi=hi), "1/clamp(sp)")
+            self.gate_act = Rescale(F.logsigmoid, "logsigmoid")
+            return
+        if library_scaling:
+            self.softmax = SafeSoftmax(-1)
+            self.library_product = Product()
+            self.mean_act = Rescale(part(_clamp, lo=L.MEAN_MIN, hi=L.MEAN_MAX), "clamp")
+        else:
+            fn = part(_softplus_clamp, lo=L.MEAN_MIN, hi=L.MEAN_MAX)
+            self.mean_act = Rescale(fn, "clamp(softplus)")
+        fn = part(_softplus_clamp, lo=L.THETA_MIN, hi=L.THETA_MAX)
+        self.theta_act = Rescale(fn, "clamp(softplus)")
+
+    def forward(
+        self,
+        mean_raw: torch.Tensor,
+        theta_raw: torch.Tensor,
+        gate_raw: torch.Tensor,
+        library: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return ``(mean, theta, gate_logits)``, each ``(cells, genes)``."""
+        if self.likelihood == "legacy":
+            return self.mean_act(mean_raw), self.theta_act(theta_raw), self.gate_act(gate_raw)
+        if self.library_scaling:
+            if library is None:
+                raise ValueError("library_scaling needs each cell's library size")
+            scaled = self.library_product(self.softmax(mean_raw), library.reshape(-1, 1))
+            mean = self.mean_act(scaled)
+        else:
+            mean = self.mean_act(mean_raw)
+        theta = self.theta_act(theta_raw)
+        return mean, theta, (None if self.likelihood == "nb" else gate_raw)
+
+
+@contextmanager
+def deeplift_rules(module: nn.Module) -> Iterator[nn.Module]:
+    """Switch every rule module inside ``module`` to the DeepLIFT backward, then back.
+
+    Inside the context a backward pass must come from a batch of two halves
+    ``[inputs; references]`` (Captum's DeepLift family, shap's DeepExplainer).
+    """
+    rules = [m for m in module.modules() if isinstance(m, RuleModule)]
+    previous = [m.mode for m in rules]
+    for m in rules:
+        m.mode = "deeplift"
+    try:
+        yield module
+    finally:
+        for m, mode in zip(rules, previous, strict=True):
+            m.mode = mode
+
+
+@contextmanager
+def shap_passthrough(names: tuple[str, ...] = SHAP_PASSTHROUGH) -> Iterator[None]:
+    """Register ``names`` in shap's PyTorch ``op_handler`` as passthrough, then restore it.
+
+    shap warns about (and passes gradients through) module classes it does not know; the rule
+    modules want exactly the gradient, so the warning would only be noise. Other unknown
+    modules (``nn.LayerNorm`` on the fast path) still warn.
+    """
+    from shap.explainers._deep import deep_pytorch
+
+    table = deep_pytorch.op_handler
+    saved = dict(table)
+    for name in names:
+        table.setdefault(name, deep_pytorch.passthrough)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# building the copy
+# --------------------------------------------------------------------------------------------
+
+
+class Log1p(nn.Module):
+    """``log1p`` as a module (scVI's input transform), so the safe copy can give it a rule."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(x)
+
+
+def _activation_fn(m: nn.Module) -> tuple[Callable, str] | None:
+    """The element-wise function of an activation module, or None if ``m`` is not one."""
+    part = functools.partial
+    table: dict[type, Callable[[nn.Module], Callable]] = {
+        nn.SELU: lambda m: F.selu,
+        nn.ReLU: lambda m: F.relu,
+        nn.LeakyReLU: lambda m: part(F.leaky_relu, negative_slope=m.negative_slope),
+        nn.ELU: lambda m: part(F.elu, alpha=m.alpha),
+        nn.Softplus: lambda m: part(F.softplus, beta=m.beta, threshold=m.threshold),
+        nn.Sigmoid: lambda m: torch.sigmoid,
+        nn.Tanh: lambda m: torch.tanh,
+        nn.LogSigmoid: lambda m: F.logsigmoid,
+        nn.GELU: lambda m: part(F.gelu, approximate=m.approximate),
+        Log1p: lambda m: torch.log1p,
+    }
+    make = table.get(type(m))
+    return None if make is None else (make(m), type(m).__name__.lower())
+
+
+def _safe_replacement(m: nn.Module) -> nn.Module | None:
+    if isinstance(m, nn.MultiheadAttention):
+        raise NotImplementedError(
+            "nn.MultiheadAttention computes its softmax and products functionally; rewrite it "
+            "with explicit modules (as scvit_core.model.Attention) before attributing"
+        )
+    activation = _activation_fn(m)
+    if activation is not None:
+        return Rescale(*activation)
+    if type(m) is nn.Softmax:
+        return SafeSoftmax(-1 if m.dim is None else m.dim)
+    if type(m) is nn.LogSoftmax:
+        return SafeLogSoftmax(-1 if m.dim is None else m.dim)
+    if type(m) is nn.LayerNorm:
+        return SafeLayerNorm.from_layer_norm(m)
+    if type(m) is OutputActivations:
+        return SafeOutputActivations(m.likelihood, library_scaling=m.library_scaling)
+    return None
+
+
+def _swap_modules(module: nn.Module) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, Attention):
+            child.fused = False
+            child.qk, child.av = ProductMatMul(), ProductMatMul()
+            child.softmax = SafeSoftmax(-1)
+            continue  # its linear maps need nothing
+        replacement = _safe_replacement(child)
+        if replacement is None:
+            _swap_modules(child)
+        else:
+            setattr(module, name, replacement)
+
+
+def attribution_safe(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose DeepLIFT/DeepSHAP attributions are complete.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module`` (scViT, a target wrapper around it, scVI's encoder, the report's MLP).
+        It is not modified.
+
+    Returns
+    -------
+    torch.nn.Module
+        The copy, with scViT's attention unfused and its ``qk``/``av`` products and softmax
+        replaced by :class:`ProductMatMul` and :class:`SafeSoftmax`; every ``nn.LayerNorm`` a
+        :class:`SafeLayerNorm`; every element-wise activation module a :class:`Rescale`; every
+        ``nn.Softmax``/``nn.LogSoftmax`` a :class:`SafeSoftmax`/:class:`SafeLogSoftmax`; scViT's
+        output activations a :class:`SafeOutputActivations`. Numerically the same function.
+        Layers are reached with :func:`probe`.
+
+    Notes
+    -----
+    Operations called as functions inside a ``forward`` (``torch.exp(...)``) cannot be
+    swapped; attributing such a model still works, and its sanity figure shows the error.
+    """
+    if getattr(model, "_attribution_copy", None) is not None:
+        raise ValueError("attribution_safe expects the original model, not a prepared copy")
+    safe = copy.deepcopy(model).eval()
+    replacement = _safe_replacement(safe)
+    if replacement is not None:  # the model is itself one activation (toy models)
+        safe = replacement.eval()
+    _swap_modules(safe)
+    safe._attribution_copy = "safe"
+    safe._attribution_probes = {}
+    return safe
+
+
+def attribution_fast(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with nothing swapped: the fast path, probes possible.
+
+    Attributions of this copy show what the libraries give on the model as trained and run
+    (fused attention, ``nn.LayerNorm``, library-unknown activations); their sanity figures are
+    the measure of that error.
+    """
+    if getattr(model, "_attribution_copy", None) is not None:
+        raise ValueError("attribution_fast expects the original model, not a prepared copy")
+    fast = copy.deepcopy(model).eval()
+    fast._attribution_copy = "fast"
+    fast._attribution_probes = {}
+    return fast
+
+
+# --------------------------------------------------------------------------------------------
+# layers and probes
+# --------------------------------------------------------------------------------------------
+
+
+class Probe(nn.Identity):
+    """Identity run on a layer's output (by a forward hook), so every method sees that tensor.
+
+    shap's DeepExplainer attributes to the probe's input and Captum's layer methods to its
+    output: both are the layer's output. The hook hands the probe a fresh view, so the probe's
+    tensor feeds only what the layer's output feeds (scViT's ``skip`` returns the very tensor
+    that also enters attention).
+    """
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+        # when set, the layer's output is replaced by this tensor (counterfactual evaluations)
+        self.replacement: torch.Tensor | None = None
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"layer {self.layer!r} returns {type(output).__name__}, not a tensor; probe a "
+                "module that returns one tensor"
+            )
+        if self.replacement is not None:
+            return self(self.replacement.expand_as(output))
+        return self(output.view_as(output))
+
+    def extra_repr(self) -> str:
+        return repr(self.layer)
+
+
+def _find_scvit(model: nn.Module) -> tuple[str, ScViT] | None:
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, ScViT)]
+    return found[0] if len(found) == 1 else None
+
+
+def _scvit_layer_paths(vit: ScViT) -> dict[str, str]:
+    """scViT's layer names (``forward_intermediates`` plus skip/residual) -> module paths."""
+    paths = {"stem": "stem"}
+    for i, stage in enumerate(vit.encoder):
+        paths[f"{stage.name}.linear"] = f"encoder.{i}.linear"
+        if stage.attention is not None:
+            paths[f"{stage.name}.skip"] = f"encoder.{i}.skip"
+            paths[f"{stage.name}.attention"] = f"encoder.{i}.attention"
+            paths[f"{stage.name}.residual"] = f"encoder.{i}.drop_attn"
+        paths[stage.name] = f"encoder.{i}"
+    for j in range(len(vit.bottleneck)):
+        paths[f"bottleneck.{j}"] = f"bottleneck.{j}"
+    for j in range(len(vit.decoder_dense)):
+        paths[f"decoder.dense.{j}"] = f"decoder_dense.{j}"
+    for k, stage in enumerate(vit.decoder):  # stored from the last encoder stage's mirror
+        if stage.attention is not None:
+            paths[f"{stage.name}.skip"] = f"decoder.{k}.skip"
+            paths[f"{stage.name}.attention"] = f"decoder.{k}.attention"
+            paths[f"{stage.name}.residual"] = f"decoder.{k}.drop_attn"
+        paths[stage.name] = f"decoder.{k}"
+    paths["head"] = "head"
+    return paths
+
+
+def _layer_paths(model: nn.Module) -> dict[str, str]:
+    found = _find_scvit(model)
+    if found is not None:
+        prefix = f"{found[0]}." if found[0] else ""
+        return {name: prefix + path for name, path in _scvit_layer_paths(found[1]).items()}
+    containers = (nn.ModuleList, nn.ModuleDict)
+    return {p: p for p, m in model.named_modules() if p and not isinstance(m, containers)}
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers whose outputs can be attributed, in execution order for scViT.
+
+    For a model containing one :class:`~scvit_core.model.ScViT` (the model itself or a target
+    wrapping it): ``stem``, ``encoder.{i}.linear``, ``encoder.{i}.skip``,
+    ``encoder.{i}.attention``, ``encoder.{i}.residual`` (``skip + attention``, before the
+    stage's activation), ``encoder.{i}``, ``bottleneck.{j}``, ``decoder.dense.{j}``,
+    ``decoder.{i}.*`` likewise, ``head``. Otherwise the dotted paths of the submodules.
+    """
+    return list(_layer_paths(model))
+
+
+def probe(model: nn.Module, layer: str) -> Probe:
+    """The :class:`Probe` on ``layer``'s output in a prepared copy (created on first use).
+
+    Parameters
+    ----------
+    model
+        A copy from :func:`attribution_safe` or :func:`attribution_fast`.
+    layer
+        A name from :func:`layer_names`.
+    """
+    probes = getattr(model, "_attribution_probes", None)
+    if probes is None:
+        raise ValueError("probes live in prepared copies: use attribution_safe(model) first")
+    if layer not in probes:
+        paths = _layer_paths(model)
+        if layer not in paths:
+            raise KeyError(f"unknown layer {layer!r}; known: {', '.join(paths)}")
+        p = Probe(layer)
+        # a bound method: deep copies of the model carry their own probe with the hook
+        model.get_submodule(paths[layer]).register_forward_hook(p.hook)
+        probes[layer] = p
+    return probes[layer]
+
+
+def branch_complement(model: nn.Module, layer: str) -> str | None:
+    """The other branch of a residual sum: ``{stage}.skip`` for ``{stage}.attention`` and vice
+    versa (scViT); None for every other layer (a cut through the network)."""
+    if _find_scvit(model) is None:
+        return None
+    stem, _, branch = layer.rpartition(".")
+    other = {"attention": "skip", "skip": "attention"}.get(branch)
+    return None if other is None or not stem else f"{stem}.{other}"
+
+
+def count_rule_modules(model: nn.Module) -> dict[str, int]:
+    """How many modules of each rule class a copy holds (for reports and tests)."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, RuleModule):
+            counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return counts

@@ -1,0 +1,359 @@
+"""Attributions: the safe copy equals the fast path, its rules are exact, every method's
+sanity figure passes on the safe path and the fast path's failure is detected."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from interpret.attribution import (
+    METHODS,
+    ClassifierTarget,
+    LatentTarget,
+    MeanTarget,
+    attribute,
+    method_agreement,
+    prepare,
+    randomisation_check,
+    scvi_encoder,
+)
+from interpret.safe import (
+    Product,
+    ProductMatMul,
+    Rescale,
+    SafeLayerNorm,
+    SafeLogSoftmax,
+    SafeSoftmax,
+    attribution_safe,
+    deeplift_rules,
+    layer_names,
+    probe,
+)
+from scvit_core.config import ScViTConfig
+from scvit_core.evaluate import fit_report_mlp
+from scvit_core.model import Attention, ScViT
+
+N_GENES = 256
+BACKGROUND_METHODS = ("deepshap", "deepliftshap")
+
+
+def log_counts(n: int, *, seed: int) -> torch.Tensor:
+    """``log1p`` of sparse Poisson-gamma counts ``(n, N_GENES)``, like the model's inputs."""
+    rng = np.random.default_rng(seed)
+    rates = rng.gamma(0.3, 4.0, size=(n, N_GENES))
+    return torch.as_tensor(np.log1p(rng.poisson(rates)), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is several times faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vit() -> ScViT:
+    torch.manual_seed(0)
+    return ScViT(ScViTConfig.small(N_GENES)).eval()
+
+
+@pytest.fixture(scope="module")
+def cells() -> torch.Tensor:
+    return log_counts(3, seed=1)
+
+
+@pytest.fixture(scope="module")
+def background() -> torch.Tensor:
+    return log_counts(4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def latent_safe(vit) -> nn.Module:
+    return prepare(LatentTarget(vit))
+
+
+def baselines_for(method: str, background: torch.Tensor) -> torch.Tensor | None:
+    return background if method in BACKGROUND_METHODS else None
+
+
+# --------------------------------------------------------------------------------------------
+# the safe copy is the same function
+# --------------------------------------------------------------------------------------------
+
+SWITCHES = [
+    dict(likelihood="legacy"),
+    dict(likelihood="corrected"),
+    dict(likelihood="nb"),
+    dict(likelihood="corrected", library_scaling=True),
+    dict(attention=False),
+    dict(conv_stem=False),
+    dict(patchwise=False),
+]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(map(str, s.values())))
+def test_safe_copy_equals_fast_path(switches):
+    torch.manual_seed(0)
+    model = ScViT(ScViTConfig.small(N_GENES, **switches)).eval()
+    safe = attribution_safe(model)
+    for name in layer_names(safe):  # probes must not change anything either
+        probe(safe, name)
+    x, library = log_counts(5, seed=3), torch.linspace(500.0, 5000.0, 5)
+    with torch.no_grad():
+        fast_layers = model.forward_intermediates(x, library=library)
+        safe_layers = safe.forward_intermediates(x, library=library)
+        fast_out, safe_out = model(x, library=library), safe(x, library=library)
+    assert fast_layers.keys() == safe_layers.keys()
+    for key, value in fast_layers.items():
+        torch.testing.assert_close(safe_layers[key], value, atol=1e-5, rtol=1e-5, msg=key)
+    for key in ("z", "mean", "theta", "gate_logits"):
+        a, b = getattr(fast_out, key), getattr(safe_out, key)
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=key)
+    # the user's model is untouched: still fused, still nn.LayerNorm
+    assert all(m.fused for m in model.modules() if isinstance(m, Attention))
+    assert any(type(m) is nn.LayerNorm for m in model.modules())
+    assert not any(type(m) is nn.LayerNorm for m in safe.modules())
+
+
+# --------------------------------------------------------------------------------------------
+# the rules are exact
+# --------------------------------------------------------------------------------------------
+
+
+def completeness_gap(module: nn.Module, *pairs: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """|sum_i m_i Δx_i - w·Δy| relative to |w·Δy|, for a random linear readout w of the output."""
+    joint = [torch.cat([x, r]).requires_grad_() for x, r in pairs]
+    with deeplift_rules(module):
+        y = module(*joint)
+    y_in, y_ref = y.chunk(2)
+    w = torch.randn_like(y_in)
+    (torch.cat([w, w]) * y).sum().backward()  # both halves carry the same multipliers
+    lhs = sum((j.grad.chunk(2)[0] * (x - r)).sum() for j, (x, r) in zip(joint, pairs, strict=True))
+    y_in, y_ref = y_in.detach(), y_ref.detach()
+    rhs = (w * (y_in - y_ref)).sum()
+    return float((lhs - rhs).abs() / rhs.abs())
+
+
+@pytest.mark.parametrize(
+    "module, shapes",
+    [
+        (SafeSoftmax(-1), [(3, 4, 7)]),
+        (SafeLogSoftmax(-1), [(3, 7)]),
+        (SafeLayerNorm((6,)), [(3, 6)]),
+        (Product(), [(3, 5), (3, 1)]),
+        (ProductMatMul(), [(3, 2, 4, 5), (3, 2, 5, 4)]),
+        (Rescale(torch.nn.functional.selu), [(3, 9)]),
+    ],
+    ids=["softmax", "log_softmax", "layer_norm", "product", "matmul", "selu"],
+)
+def test_rules_are_complete_on_random_pairs(module, shapes):
+    torch.manual_seed(0)
+    module = module.double()
+    pairs = [(3 * torch.randn(s).double(), 3 * torch.randn(s).double()) for s in shapes]
+    assert completeness_gap(module, *pairs) < 1e-10
+
+
+def test_rescale_uses_the_derivative_where_input_equals_reference():
+    x = torch.tensor([[-1.0, 0.5, 2.0]], dtype=torch.float64)
+    joint = torch.cat([x, x]).requires_grad_()
+    module = Rescale(torch.nn.functional.selu)
+    with deeplift_rules(module):
+        module(joint).sum().backward()
+    expected = torch.autograd.functional.jacobian(torch.nn.functional.selu, x[0]).diagonal()
+    torch.testing.assert_close(joint.grad[0], expected)
+    assert torch.isfinite(joint.grad).all()
+
+
+def test_linear_toy_model_has_closed_form_attributions():
+    torch.manual_seed(0)
+    toy = nn.Linear(5, 3)
+    x, background = torch.randn(4, 5), torch.randn(6, 5)
+    w = toy.weight.detach()[2]
+    expected_zero_ref = (w * x).numpy()  # DeepLift = IG = w (x - 0) for a linear map
+    expected_background = (w * (x - background.mean(0))).numpy()  # DeepSHAP, DeepLiftShap
+    for method in ("deeplift", "integrated_gradients"):
+        result = attribute(toy, x, method=method, target=2)
+        np.testing.assert_allclose(result.attributions, expected_zero_ref, atol=1e-5)
+        assert result.sanity.passed
+    for method in BACKGROUND_METHODS:
+        result = attribute(toy, x, method=method, target=2, baselines=background)
+        np.testing.assert_allclose(result.attributions, expected_background, atol=1e-5)
+        assert result.sanity.passed
+
+
+# --------------------------------------------------------------------------------------------
+# sanity figures: within tolerance on the safe path, failure detected on the fast path
+# --------------------------------------------------------------------------------------------
+
+LATENT_LAYERS = [None, "stem", "encoder.1.attention", "encoder.1", "bottleneck.1"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sanity_within_tolerance_on_safe_path(method, latent_safe, vit, cells, background):
+    refs = baselines_for(method, background)
+    targets = [(latent_safe, layer, 1) for layer in LATENT_LAYERS]
+    targets.append((prepare(MeanTarget(vit, [0, 5, 17])), "head", 2))
+    for model, layer, target in targets:
+        if layer is None and method in ("conductance", "internal_influence"):
+            continue
+        result = attribute(model, cells, method=method, layer=layer, target=target, baselines=refs)
+        s = result.sanity
+        assert result.attributions.shape[0] == len(cells)
+        if method == "internal_influence":
+            assert s.passed is None and np.isnan(s.relative) and s.name == "not applicable"
+        else:
+            assert s.passed, f"{method} on {layer}: relative error {s.relative:.2e}"
+            if method in ("deepshap", "deeplift", "deepliftshap"):
+                assert s.relative < 1e-4  # float32 rounding only
+
+
+def test_library_scaled_mean_with_library_argument(cells, background):
+    torch.manual_seed(0)
+    config = ScViTConfig.small(N_GENES, likelihood="corrected", library_scaling=True)
+    model = prepare(MeanTarget(ScViT(config).eval(), [3, 40]))
+    library = torch.tensor([800.0, 2000.0, 5000.0])
+    for method in ("deepshap", "deeplift", "integrated_gradients"):
+        result = attribute(
+            model,
+            cells,
+            method=method,
+            layer="encoder.0",
+            target=[0, 1, 0],
+            baselines=baselines_for(method, background),
+            additional_forward_args=(library,),
+        )
+        assert result.sanity.passed, (method, result.sanity.relative)
+
+
+@pytest.mark.parametrize("method", ["deepshap", "deeplift"])
+def test_fast_path_failure_is_detected(method, vit, cells, background):
+    fast = prepare(LatentTarget(vit), safe=False)
+    refs = baselines_for(method, background)
+    # shap names the module it does not know; Captum passes the gradient through silently
+    warns = pytest.warns(UserWarning, match="unrecognized nn.Module: LayerNorm")
+    with warns if method == "deepshap" else nullcontext():
+        result = attribute(fast, cells, method=method, layer="stem", target=1, baselines=refs)
+    assert result.sanity.passed is False
+    assert result.sanity.relative > 0.1  # measured 0.5 to 1: the error is of the signal's size
+    assert not result.safe
+
+
+def test_shap_table_is_restored(latent_safe, cells, background):
+    from shap.explainers._deep import deep_pytorch
+
+    before = dict(deep_pytorch.op_handler)
+    attribute(latent_safe, cells[:1], method="deepshap", layer="stem", baselines=background)
+    assert deep_pytorch.op_handler == before
+
+
+# --------------------------------------------------------------------------------------------
+# the residual: skip and attention share the residual sum's attribution exactly
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["deeplift", "deepshap", "deepliftshap", "conductance"])
+def test_skip_and_attention_sum_to_residual(method, latent_safe, cells, background):
+    refs = baselines_for(method, background)
+    branch = attribute(
+        latent_safe, cells, method=method, layer="encoder.1.attention", target=1, baselines=refs
+    )
+    residual = attribute(
+        latent_safe, cells, method=method, layer="encoder.1.residual", target=1, baselines=refs
+    )
+    skip = branch.extra["complement"]
+    assert skip["layer"] == "encoder.1.skip"
+    total = branch.attributions + skip["attributions"].reshape(len(cells), -1)
+    scale = np.abs(residual.attributions).max()
+    np.testing.assert_allclose(total, residual.attributions, atol=1e-4 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# targets, tables, comparisons
+# --------------------------------------------------------------------------------------------
+
+
+def test_classifier_target_explains_predicted_class(vit, cells):
+    with torch.no_grad():
+        z = vit.encode(log_counts(40, seed=4)).numpy()
+    mlp = fit_report_mlp(z, np.arange(40) % 3, epochs=2)
+    model = prepare(ClassifierTarget(vit, mlp))
+    result = attribute(model, cells, method="deeplift", layer="bottleneck.2", target=None)
+    with torch.no_grad():
+        predicted = model(cells).argmax(1).numpy()
+    np.testing.assert_array_equal(result.target, predicted)
+    assert result.sanity.passed  # the MLP's LayerNorm and LeakyReLU are safe too
+
+
+def test_tables(latent_safe, cells):
+    result = attribute(latent_safe, cells, method="deeplift", layer="encoder.1")
+    frame = result.to_frame()
+    tokens, dim = result.shape
+    assert len(frame) == len(cells) * tokens * dim
+    assert {"method", "layer", "cell", "unit", "attribution", "token", "dim"} <= set(frame)
+    genes = attribute(latent_safe, cells, method="deeplift")
+    adata = genes.to_anndata([f"g{i}" for i in range(N_GENES)])
+    assert adata.shape == (len(cells), N_GENES)
+    np.testing.assert_allclose(adata.X, genes.attributions)
+    assert adata.uns["attribution"]["sanity"]["passed"] is True
+
+
+def test_method_agreement_is_a_rank_correlation(latent_safe, cells, background):
+    results = [
+        attribute(
+            latent_safe,
+            cells,
+            method=m,
+            layer="encoder.2",
+            baselines=baselines_for(m, background),
+        )
+        for m in ("deeplift", "deepliftshap", "integrated_gradients", "internal_influence")
+    ]
+    table = method_agreement(results)
+    assert len(table) == 6
+    values = table[["spearman_cells", "spearman_units"]].to_numpy()
+    assert np.all((values >= -1) & (values <= 1))
+    assert isinstance(table, pd.DataFrame)
+
+
+def test_randomisation_changes_attributions(vit, cells):
+    table = randomisation_check(
+        LatentTarget(vit), cells, method="deeplift", layer="encoder.1", target=1
+    )
+    rows = table.set_index("randomised")
+    assert rows.loc["none (rerun)", "spearman_cells"] == pytest.approx(1.0)
+    assert rows.loc["all", "spearman_cells"] < 0.5
+
+
+@pytest.mark.filterwarnings("ignore")  # Lightning's notes on a 3-batch epoch
+def test_scvi_encoder_matches_scvi_latent():
+    import anndata as ad
+    import scvi
+
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(2, 0.3, size=(200, 60)).astype(np.float32)
+    adata = ad.AnnData(counts)
+    scvi.settings.seed = 0
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, accelerator="cpu", enable_progress_bar=False)
+    encoder = scvi_encoder(model).eval()
+    with torch.no_grad():
+        ours = encoder(torch.as_tensor(counts)).numpy()
+    np.testing.assert_allclose(ours, model.get_latent_representation(), atol=1e-5)
+    result = attribute(encoder, counts[:4], method="deeplift", target=0)
+    assert result.sanity.passed and result.safe
+
+
+def test_layer_the_target_does_not_run_is_an_error(latent_safe, cells):
+    with pytest.raises(ValueError, match="does not run"):
+        attribute(latent_safe, cells, method="deeplift", layer="head")
