@@ -434,9 +434,9 @@ def _run_scvi(spec, adata, epochs, out_dir, progress):
             )
         ),
     ]
-    history = pd.DataFrame(
-        {k: v.iloc[:, 0].to_numpy() for k, v in result.model.history.items() if len(v)}
-    )
+    # scvi-tools logs some keys on fewer epochs than others: align them on the epoch index
+    logged = [v.iloc[:, 0].rename(k) for k, v in result.model.history.items() if len(v)]
+    history = pd.concat(logged, axis=1).reset_index(drop=True) if logged else pd.DataFrame()
     result.model.save(str(out_dir / "model"))  # scvi-tools' own format, for later notebooks
     return pd.concat(metrics, ignore_index=True), history
 
