@@ -12,6 +12,7 @@ likelihood the model explains beyond per-gene null models. Each answer is a tidy
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -282,7 +283,7 @@ def diagnose(
     Diagnosis
     """
     inp = D.diagnostic_inputs(model, adata, label_key=label_key, max_cells=max_cells, seed=seed)
-    net = model.model.eval()
+    net = copy.deepcopy(model.model).eval()  # the caller's network keeps its mode
     x, lib = inp.inputs, inp.library
     if inp.split is None or inp.labels is None:
         raise ValueError(
@@ -369,7 +370,7 @@ def _probes(net, untrained, inp: D.DiagnosticInputs, seed: int) -> pd.DataFrame:
     if untrained is not False:
         frames.append(
             D.layer_probes(
-                untrained.model.eval(),
+                copy.deepcopy(untrained.model).eval(),
                 inp.inputs,
                 inp.labels,
                 inp.split,
