@@ -226,6 +226,8 @@ def branch_shares(
                     "passed": bool(r.sanity.passed),
                 }
             )
+            if not r.sanity.passed:  # incomplete attributions are not evidence: left out
+                continue
             total = np.maximum(parts["attention"] + parts["skip"], 1e-30)
             rows.append(
                 {
@@ -236,7 +238,9 @@ def branch_shares(
                     "attention_share": float(np.mean(parts["attention"] / total)),
                 }
             )
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(
+        rows, columns=["stage", "target", "attention_abs", "skip_abs", "attention_share"]
+    )
     branches = frame.groupby("stage", sort=False)[
         ["attention_abs", "skip_abs", "attention_share"]
     ].mean()
