@@ -31,6 +31,7 @@ from .attribution import (
 from .genes import PBMC_MARKERS, class_gene_scores, de_markers, marker_recovery
 from .report import Diagnosis, branch_shares, diagnose, diagnose_run
 from .safe import (
+    LogSumExp,
     Probe,
     Product,
     ProductMatMul,
@@ -54,6 +55,7 @@ __all__ = [
     "ClassifierTarget",
     "Diagnosis",
     "LatentTarget",
+    "LogSumExp",
     "MeanTarget",
     "Probe",
     "Product",

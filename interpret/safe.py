@@ -20,8 +20,12 @@ reports. This module replaces every nonlinearity by a module whose backward *is*
 ``Product`` / ``ProductMatMul``
     ``a * b`` and ``a @ b`` with the two-factor Shapley rule
     ``Δ(ab) = ½(a_x + a_r) Δb + Δa ½(b_x + b_r)``, exact.
+``LogSumExp``
+    The mean of the pair's softmax weights, plus the (third-order) remainder spread along
+    ``Δs``: exact, and of order one for any score gap.
 ``SafeSoftmax`` / ``SafeLogSoftmax`` / ``SafeLayerNorm``
-    Written as ``Rescale`` and ``Product`` pieces around linear operations, hence exact.
+    Written as ``exp(s - logsumexp(s))``, ``s - logsumexp(s)`` and ``Rescale`` and
+    ``Product`` pieces around linear operations, hence exact.
 
 All rules apply only inside :func:`deeplift_rules`; outside it (the default, and what
 integrated gradients, conductance and internal influence need) the modules compute ordinary
@@ -67,6 +71,7 @@ SECANT_EPS = 1e-6
 # only while an explanation runs (:func:`shap_passthrough`).
 SHAP_PASSTHROUGH = (
     "Rescale",
+    "LogSumExp",
     "Product",
     "ProductMatMul",
     "Probe",
@@ -209,50 +214,88 @@ class ProductMatMul(Product):
     matmul = True
 
 
-class SafeSoftmax(RuleModule):
-    """Softmax as ``exp(s - c) * (1 / sum)``: two :class:`Rescale` and one :class:`Product`.
+class _LogSumExpFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, dim: int) -> torch.Tensor:
+        y = torch.logsumexp(s, dim, keepdim=True)
+        ctx.save_for_backward(s, y)
+        ctx.dim = dim
+        return y
 
-    Under DeepLIFT the stabiliser ``c`` must be the same constant for an input and its
-    reference (it is subtracted before the ``exp``, so a different ``c`` would be an unexplained
-    shift): it is the midpoint of the pair's row maxima, which keeps ``exp`` within float32 for
-    score gaps up to about 170 between the pair. Otherwise (odd batch, gradient mode) it is
-    each row's maximum, as in ``torch.softmax``.
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        s, y = ctx.saved_tensors
+        dim = ctx.dim
+        s_in, s_ref = _halves(s)
+        y_in, y_ref = _halves(y)
+        ds = s_in - s_ref
+        # trapezoid rule: the mean of the pair's softmax weights (each in [0, 1])
+        weights = (torch.exp(s_in - y_in) + torch.exp(s_ref - y_ref)) / 2
+        # its error (third order in Δs), spread along Δs so the rule is exact
+        residual = (y_in - y_ref) - (weights * ds).sum(dim, keepdim=True)
+        norm2 = (ds * ds).sum(dim, keepdim=True)
+        scale = torch.maximum(s_in.abs(), s_ref.abs()).amax(dim, keepdim=True).clamp_min(1.0)
+        near = norm2 < (SECANT_EPS * scale) ** 2
+        correction = torch.where(near, 0.0, residual / torch.where(near, 1.0, norm2))
+        weights = weights + correction * ds
+        return grad_y * torch.cat([weights, weights]), None
+
+
+class LogSumExp(RuleModule):
+    """``logsumexp`` over ``dim`` (kept), with an exact, well-conditioned rule under DeepLIFT.
+
+    The multiplier of score ``j`` is the mean of the input's and the reference's softmax
+    weights (the trapezoid rule for the path integral of the gradient), plus the trapezoid's
+    error spread along ``Δs`` in proportion to ``Δs_j``, so ``Σ_j m_j Δs_j`` equals
+    ``Δ logsumexp`` exactly. Multipliers stay of order one whatever the score gap between input
+    and reference, since no ``exp`` of an unnormalised score is ever formed.
     """
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__()
         self.dim = dim
-        self.exp = Rescale(torch.exp, "exp")
-        self.reciprocal = Rescale(torch.reciprocal, "reciprocal")
-        self.product = Product()
-
-    def _shifted(self, s: torch.Tensor) -> torch.Tensor:
-        c = s.detach().amax(self.dim, keepdim=True)
-        if self.mode == "deeplift" and s.shape[0] % 2 == 0:
-            c_in, c_ref = c.chunk(2)
-            mid = (c_in + c_ref) / 2
-            c = torch.cat([mid, mid])
-        return s - c
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        e = self.exp(self._shifted(s))
-        return self.product(e, self.reciprocal(e.sum(self.dim, keepdim=True)))
+        if self.mode == "deeplift" and torch.is_grad_enabled():
+            return _LogSumExpFunction.apply(s, self.dim)
+        return torch.logsumexp(s, self.dim, keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class SafeSoftmax(RuleModule):
+    """Softmax as ``exp(s - logsumexp(s))``: a :class:`LogSumExp` and one :class:`Rescale`.
+
+    Both rules work on normalised quantities (log-probabilities <= 0, softmax weights in
+    [0, 1]), so they are exact and finite for any score gap between input and reference. The
+    textbook split ``exp(s - c) * (1 / Σ exp(s - c))`` is exact too, but its terms grow like
+    ``exp(gap)`` and cancel: in float32 it loses completeness from gaps of about 30 and gives
+    NaN beyond about 170, which sharp trained attention reaches.
+    """
+
+    def __init__(self, dim: int = -1) -> None:
+        super().__init__()
+        self.dim = dim
+        self.logsumexp = LogSumExp(dim)
+        self.exp = Rescale(torch.exp, "exp")
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.exp(s - self.logsumexp(s))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
 
 
 class SafeLogSoftmax(SafeSoftmax):
-    """Log-softmax as ``(s - c) - log(sum exp(s - c))``, exact under DeepLIFT."""
+    """Log-softmax as ``s - logsumexp(s)``, exact under DeepLIFT."""
 
     def __init__(self, dim: int = -1) -> None:
         super().__init__(dim)
-        del self.reciprocal, self.product
-        self.log = Rescale(torch.log, "log")
+        del self.exp
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        shifted = self._shifted(s)
-        return shifted - self.log(self.exp(shifted).sum(self.dim, keepdim=True))
+        return s - self.logsumexp(s)
 
 
 def _rsqrt_eps(v: torch.Tensor, eps: float) -> torch.Tensor:

@@ -163,6 +163,26 @@ def test_rules_are_complete_on_random_pairs(module, shapes):
     assert completeness_gap(module, *pairs) < 1e-10
 
 
+@pytest.mark.parametrize("gap", [30.0, 200.0, 1000.0])
+@pytest.mark.parametrize("module", [SafeSoftmax(-1), SafeLogSoftmax(-1)], ids=["sm", "log_sm"])
+def test_softmax_rules_stay_exact_and_bounded_in_float32_for_sharp_scores(module, gap):
+    # trained attention can be sharp: score gaps of hundreds between a cell and its reference
+    torch.manual_seed(0)
+    x, r = torch.randn(4, 3, 40), torch.randn(4, 3, 40)
+    x[..., 3] += gap
+    r[..., 11] -= gap / 2
+    assert completeness_gap(module, (x, r)) < 1e-4
+    joint = torch.cat([x, r]).requires_grad_()
+    with deeplift_rules(module):
+        y = module(joint)
+    y.sum().backward()
+    assert torch.isfinite(joint.grad).all()
+    if isinstance(module, SafeLogSoftmax):
+        assert joint.grad.abs().max() <= 2 * 40  # |1 - 40 w| with weights in [0, 1]
+    else:
+        assert joint.grad.abs().max() <= 2  # no exp(gap)-sized terms that cancel
+
+
 def test_rescale_uses_the_derivative_where_input_equals_reference():
     x = torch.tensor([[-1.0, 0.5, 2.0]], dtype=torch.float64)
     joint = torch.cat([x, x]).requires_grad_()
