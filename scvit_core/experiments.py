@@ -18,11 +18,9 @@ README.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -41,6 +39,7 @@ import pandas as pd
 from . import _constants as K
 from .data import load_dataset, stratified_subsample
 from .profiles import get_profile
+from .train import quiet_lightning
 
 RESULTS_DIR_ENV = "SCVIT_RESULTS_DIR"
 """Environment variable naming the results directory (default ``./results``)."""
@@ -197,7 +196,8 @@ class ExperimentResult:
         if self.spec.model == "scvi":
             import scvi
 
-            return scvi.model.SCVI.load(str(path), adata=adata.copy())
+            with quiet_lightning(True):  # no "File ... already downloaded" notice
+                return scvi.model.SCVI.load(str(path), adata=adata.copy())
         from .api import ScViTModel
 
         return ScViTModel.load(path, adata)
@@ -272,7 +272,7 @@ def run(
 
     adata = prepare_data(spec)
     epochs = spec.epochs or get_profile(spec.profile).epochs
-    with _quiet(not progress):
+    with quiet_lightning(not progress):
         metrics, history = _RUNNERS[spec.model](spec, adata, epochs, tmp_dir, progress)
     metrics = metrics.reindex(columns=METRIC_COLUMNS).fillna({"checkpoint": "", "label_key": ""})
     metrics.to_csv(tmp_dir / "metrics.csv", index=False)
@@ -475,25 +475,6 @@ _RUNNERS = {
 
 
 # storage ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet(enabled: bool):
-    """Lightning's and scvi-tools' start-up notices off (warnings and errors still shown)."""
-    if not enabled:
-        yield
-        return
-    import lightning  # noqa: F401  (it sets its loggers' levels on import; set ours after)
-
-    names = ("lightning.pytorch", "lightning.fabric", "scvi")
-    saved = {name: logging.getLogger(name).level for name in names}
-    try:
-        for name in names:
-            logging.getLogger(name).setLevel(logging.WARNING)
-        yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def _reconstruction_row(value: float) -> pd.DataFrame:

@@ -17,7 +17,9 @@ The trainer knows batches of counts and nothing about files or AnnData:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import tempfile
 import time
@@ -62,6 +64,23 @@ class NonFiniteLossError(RuntimeError):
         self.epoch, self.batch, self.last_checkpoint = epoch, batch, last_checkpoint
 
 
+@contextlib.contextmanager
+def quiet_lightning(enabled: bool = True):
+    """Lightning's and scvi-tools' start-up notices off (warnings and errors still shown)."""
+    if not enabled:
+        yield
+        return
+    names = ("lightning.pytorch", "lightning.fabric", "scvi")
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train; saved with the model, because ``input_transform`` defines its input.
@@ -90,7 +109,8 @@ class TrainConfig:
     gradient_clip_val
         Gradient-norm clipping (None: off, as in the reference).
     enable_progress_bar
-        Lightning's progress bar.
+        Lightning's progress bar. Off, Lightning's start-up notices (accelerator found, tips)
+        are off too; its warnings and errors are still shown.
     num_workers
         DataLoader workers used by callers that build loaders (the API and the CLI).
     grad_norm_every
@@ -517,7 +537,8 @@ def fit(
         limit_val_batches=1.0 if val_loader is not None else 0,
     )
     kwargs.update(trainer_kwargs or {})
-    trainer = L.Trainer(**kwargs)
+    with quiet_lightning(not cfg.enable_progress_bar):
+        trainer = L.Trainer(**kwargs)
 
     initial = math.nan
     if val_loader is not None and ckpt_path is None:
@@ -528,10 +549,12 @@ def fit(
             module.model, val_loader, input_transform=cfg.input_transform, device=device
         )
         module.model.cpu()
-    with warnings.catch_warnings():
+    with quiet_lightning(not cfg.enable_progress_bar), warnings.catch_warnings():
         # Single-process loading is deliberate here (batches are sliced from memory).
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
+        # Lightning's own use of a torch API that torch 2.14 deprecates; nothing to act on here
+        warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
         trainer.fit(
             module,
             train_dataloaders=train_loader,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -131,6 +132,21 @@ def test_train_without_split_does_not_modify_adata(tiny_counts, tmp_path):
         epochs=1, batch_size=16, enable_progress_bar=False, output_dir=tmp_path, store_split=True
     )
     assert set(adata.obs[K.SPLIT].unique()) <= set(K.SPLITS)
+
+
+def test_quiet_training_prints_no_lightning_notices(tiny_counts, tmp_path, capfd, caplog):
+    config = ScViTConfig.small(30, likelihood="nb", stages=((8, 8, 4, 4), (8, 4, 8, 2)))
+    model = ScViTModel(tiny_counts, config)
+    capfd.readouterr()
+    # this module silences Lightning for the other tests; a user's session does not
+    lightning_info = caplog.at_level(logging.INFO, logger="lightning.pytorch")
+    with lightning_info, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(epochs=1, batch_size=16, enable_progress_bar=False, output_dir=tmp_path)
+    out, err = capfd.readouterr()
+    shown = out + err + caplog.text + "".join(str(w.message) for w in caught)
+    for notice in ("GPU available", "TPU available", "Tip:", "LeafSpec"):
+        assert notice not in shown
 
 
 def test_bad_counts_are_rejected(tiny_counts):
