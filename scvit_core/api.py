@@ -1,8 +1,10 @@
-"""``ScViTModel``: scViT on AnnData in the scverse style (like ``scvi.model.SCVI``).
+"""``ScViTModel`` and ``ScPerceiverModel``: the autoencoders on AnnData in the scverse style.
 
-::
+Both are :class:`AutoencoderModel` (like ``scvi.model.SCVI``), which differ only in their
+architecture and its default input and training settings::
 
     model = ScViTModel(adata)                 # ScViTConfig.for_genes(adata.n_vars)
+    model = ScPerceiverModel(adata)           # PerceiverConfig.for_genes(adata.n_vars)
     model.train(epochs=10)                    # obs["split"]: train / validation
     z = model.get_latent_representation()     # (cells, 64); adata untouched
     model.get_reconstruction_error(split="test")  # {"reconstruction_loss": ...} scVI's units
@@ -26,7 +28,7 @@ import pandas as pd
 import torch
 
 from scvit_core import _constants as K
-from scvit_core.config import ScViTConfig
+from scvit_core.architectures import AnyConfig, architecture_of, config_for_genes, config_from_dict
 from scvit_core.data import (
     GeneAlignment,
     align_genes,
@@ -35,7 +37,7 @@ from scvit_core.data import (
     validate_counts,
 )
 from scvit_core.train import (
-    ScViTLightning,
+    AutoencoderLightning,
     TrainConfig,
     TrainResult,
     fit,
@@ -60,8 +62,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-class ScViTModel:
-    """An scViT model bound to a gene list, trained and queried on AnnData.
+class AutoencoderModel:
+    """An autoencoder bound to a gene list, trained and queried on AnnData.
+
+    Use :class:`ScViTModel` or :class:`ScPerceiverModel`; they set :attr:`architecture` and
+    the defaults of input and training.
 
     Parameters
     ----------
@@ -69,47 +74,62 @@ class ScViTModel:
         Cells x genes with raw counts (in ``X`` or ``layers[layer]``). Its gene list becomes
         the model's; it is not modified.
     config
-        The network; default ``ScViTConfig.for_genes(adata.n_vars)``.
+        The network; default: the architecture's ``for_genes(adata.n_vars)``.
     layer
         Layer with the raw counts (None: ``X``).
     input_transform
         What the network reads (``"counts"``, ``"log1p"``, ``"log1p_norm"``); saved with the
-        model. Overridden by ``train(input_transform=...)``.
+        model. Default: the class's :attr:`default_input_transform`. Overridden by
+        ``train(input_transform=...)``.
     **config_overrides
-        Fields of :class:`ScViTConfig` (e.g. ``likelihood="corrected"``, ``attention=False``);
-        ``width`` too when ``config`` is None.
+        Fields of the configuration (e.g. ``likelihood="corrected"``, ``attention=False``);
+        scViT's ``width`` too when ``config`` is None.
     seed
         Seed of the initial weights (drawn without touching the global random state); the
         training seed is ``TrainConfig.seed``.
     """
 
+    architecture: str = "scvit"
+    """Which network (:mod:`scvit_core.architectures`)."""
+    default_input_transform: str = "counts"
+    default_train: dict[str, Any] = {}  # noqa: RUF012 - read only
+    """:class:`TrainConfig` fields that differ from its defaults for this architecture."""
+
     def __init__(
         self,
         adata: ad.AnnData,
-        config: ScViTConfig | None = None,
+        config: AnyConfig | None = None,
         *,
         layer: str | None = None,
-        input_transform: str = "counts",
+        input_transform: str | None = None,
         seed: int = 0,
         **config_overrides: Any,
     ) -> None:
         if config is None:
-            config = ScViTConfig.for_genes(adata.n_vars, **config_overrides)
+            config = config_for_genes(self.architecture, adata.n_vars, **config_overrides)
         elif config_overrides:
             config = config.replace(**config_overrides)
+        if architecture_of(config) != self.architecture:
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.architecture} configuration, got a "
+                f"{architecture_of(config)} one; use {MODEL_CLASSES[architecture_of(config)]}"
+            )
         if config.n_genes != adata.n_vars:
             raise ValueError(
                 f"config.n_genes is {config.n_genes} but adata has {adata.n_vars} genes; "
-                "use ScViTConfig.for_genes(adata.n_vars) or align the genes first."
+                "build the configuration with for_genes(adata.n_vars) or align the genes first."
             )
         self.adata = adata
         self.layer = layer
         self.genes: list[str] = [str(g) for g in adata.var_names]
         self.config = config
-        self.train_config = TrainConfig(input_transform=input_transform)
+        self.train_config = TrainConfig(
+            input_transform=input_transform or self.default_input_transform,
+            **self.default_train,
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.module = ScViTLightning(config, self.train_config)
+            self.module = AutoencoderLightning(config, self.train_config)
         self.history: pd.DataFrame = history_frame([])
         self.train_result: TrainResult | None = None
         self.last_alignment: GeneAlignment | None = None
@@ -118,15 +138,21 @@ class ScViTModel:
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.module.model.parameters())
         return (
-            f"ScViTModel({len(self.genes)} genes, {n:,} parameters, likelihood="
+            f"{type(self).__name__}({len(self.genes)} genes, {n:,} parameters, likelihood="
             f"{self.config.likelihood!r}, input={self.train_config.input_transform!r}, "
             f"trained={self.is_trained})"
         )
 
     @property
     def model(self):
-        """The underlying :class:`~scvit_core.model.ScViT` network."""
+        """The underlying network (:class:`~scvit_core.model.ScViT` or
+        :class:`~scvit_core.perceiver.ScPerceiver`)."""
         return self.module.model
+
+    @property
+    def is_variational(self) -> bool:
+        """Whether the latent is a posterior ``q(z | x)`` (then the NLL has two readings)."""
+        return bool(getattr(self.config, "variational", False))
 
     # training ------------------------------------------------------------------------------
 
@@ -140,7 +166,7 @@ class ScViTModel:
         split_seed: int = 0,
         trainer_kwargs: dict[str, Any] | None = None,
         **train_overrides: Any,
-    ) -> ScViTModel:
+    ) -> AutoencoderModel:
         """Train on the ``train`` cells of ``obs["split"]``, validating on ``validation``.
 
         Parameters
@@ -165,7 +191,7 @@ class ScViTModel:
 
         Returns
         -------
-        ScViTModel
+        AutoencoderModel
             ``self``; the per-epoch losses are in :attr:`history`.
         """
         cfg = train_config or self.train_config
@@ -181,6 +207,8 @@ class ScViTModel:
         self.module.train_config = cfg
         self.module.hparams["train_config"] = cfg.to_dict()
 
+        if not self.is_trained and ckpt_path is None:
+            self._init_from_data(data)
         train_loader = count_dataloader(
             data,
             split="train",
@@ -210,6 +238,18 @@ class ScViTModel:
         self.history = result.history
         self.is_trained = True
         return self
+
+    def _init_from_data(self, data: ad.AnnData) -> None:
+        """Let a network that wants it start from the training cells' null model."""
+        init = getattr(self.model, "init_gene_parameters", None)
+        if init is None:
+            return
+        from scvit_core.baselines import fit_null_nb
+
+        null = fit_null_nb(data, library_scaled=True, split="train")
+        train = data.X[np.flatnonzero(data.obs[K.SPLIT].to_numpy() == "train")]
+        library = float(np.median(np.asarray(train.sum(1)).ravel()))
+        init(torch.as_tensor(null.gene_param), torch.as_tensor(null.theta), library)
 
     # inference -----------------------------------------------------------------------------
 
@@ -294,12 +334,15 @@ class ScViTModel:
         split: str | None = None,
         batch_size: int = 1024,
         return_mean: bool = True,
+        sample: bool = False,
+        seed: int = 0,
     ) -> dict[str, float | np.ndarray]:
         """Negative log-likelihood of the raw counts, in scVI's units.
 
-        As ``scvi.model.SCVI.get_reconstruction_error``: ``-log p(x_cell)`` summed over genes
-        for each cell, then averaged over cells (the model in evaluation mode, under its own
-        likelihood). Lower is better.
+        As ``scvi.model.SCVI.get_reconstruction_error``: ``-log p(x_cell | z)`` summed over
+        genes for each cell, then averaged over cells (the model in evaluation mode, under its
+        own likelihood). Lower is better. A variational model decodes its posterior mean, or
+        with ``sample=True`` one sample of ``q(z | x)`` as scvi-tools does.
 
         Parameters
         ----------
@@ -311,6 +354,10 @@ class ScViTModel:
             Cells per forward pass.
         return_mean
             False gives the per-cell values (in the cells' order) instead of their mean.
+        sample
+            Decode one posterior sample (variational models; ignored otherwise).
+        seed
+            Seed of that sample (the global random state is left as it was).
 
         Returns
         -------
@@ -321,14 +368,18 @@ class ScViTModel:
         device = default_device()
         model = self.module.model.to(device).eval()
         chunks, rows = [], []
-        for batch in self._batches(data, split, batch_size):
-            loss, _ = per_cell_nll(
-                model,
-                batch["counts"].to(device),
-                input_transform=self.train_config.input_transform,
-            )
-            chunks.append(loss.double().cpu().numpy()[:, None])  # (B, 1)
-            rows.append(batch["index"].numpy())
+        sample = sample and self.is_variational
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed)
+            for batch in self._batches(data, split, batch_size):
+                loss, _ = per_cell_nll(
+                    model,
+                    batch["counts"].to(device),
+                    input_transform=self.train_config.input_transform,
+                    sample=sample if self.is_variational else None,
+                )
+                chunks.append(loss.double().cpu().numpy()[:, None])  # (B, 1)
+                rows.append(batch["index"].numpy())
         per_cell = _in_row_order(chunks, rows, 1, dtype=np.float64)[:, 0]
         value = float(per_cell.mean()) if return_mean else per_cell
         return {"reconstruction_loss": value}
@@ -357,8 +408,8 @@ class ScViTModel:
         return path
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: ad.AnnData | None = None) -> ScViTModel:
-        """Load a model written by :meth:`save`.
+    def load(cls, dir_path: str | Path, adata: ad.AnnData | None = None) -> AutoencoderModel:
+        """Load a model written by :meth:`save`, as the class of its architecture.
 
         Parameters
         ----------
@@ -372,7 +423,8 @@ class ScViTModel:
         path = Path(dir_path)
         if not (path / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{path} holds no saved scViT model ({WEIGHTS_FILE} missing)")
-        config = ScViTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        config = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+        cls = MODEL_CLASSES[architecture_of(config)]
         meta = json.loads((path / TRAIN_CONFIG_FILE).read_text())
         genes = (path / GENES_FILE).read_text().splitlines()
         layer = meta.get("layer")
@@ -396,6 +448,63 @@ class ScViTModel:
         if (path / HISTORY_FILE).exists():
             model.history = pd.read_csv(path / HISTORY_FILE)
         return model
+
+
+class ScViTModel(AutoencoderModel):
+    """scViT (the report's model) on AnnData; see :class:`AutoencoderModel`.
+
+    Default configuration ``ScViTConfig.for_genes(adata.n_vars)`` (the report's structure and
+    legacy likelihood), raw counts as input, the reference code's training settings.
+    """
+
+    architecture = "scvit"
+    default_input_transform = "counts"
+
+
+def perceiver_epochs(n_cells: int) -> int:
+    """scPerceiver's default epoch budget for ``n_cells`` training cells.
+
+    About 1,200 optimiser steps of 128 cells (``round(150,000 / n_cells)`` epochs), at least 10
+    and at most 200: a fixed amount of work per model rather than per cell, as scvi-tools'
+    ``get_max_epochs_heuristic`` (``min(round(20,000 / n * 400), 400)``) caps scVI's.
+    """
+    return int(min(max(round(150_000 / max(n_cells, 1)), 10), 200))
+
+
+class ScPerceiverModel(AutoencoderModel):
+    """scPerceiver (the model built from the diagnosis) on AnnData; see :class:`AutoencoderModel`.
+
+    Default configuration ``PerceiverConfig.for_genes(adata.n_vars)``, input ``log1p(counts)``
+    (as scVI's encoder), AdamW at lr 1e-3 with a one-cycle schedule, batches of 128 cells, KL
+    warm-up over the first half of training. ``train()`` without ``epochs`` uses
+    :func:`perceiver_epochs` of the training cells. The decoder starts from the training
+    cells' library-scaled null model (``init_gene_parameters``).
+    """
+
+    architecture = "perceiver"
+    default_input_transform = "log1p"
+    default_train = {  # noqa: RUF012 - read only
+        "batch_size": 128,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "schedule": "one_cycle",
+        "kl_warmup": 0.5,
+    }
+
+    def train(self, *, train_config: TrainConfig | None = None, **kwargs: Any) -> ScPerceiverModel:
+        """As :meth:`AutoencoderModel.train`; ``epochs`` defaults to :func:`perceiver_epochs`."""
+        if train_config is None and "epochs" not in kwargs:
+            data = self.adata
+            n = int((data.obs[K.SPLIT] == "train").sum()) if K.SPLIT in data.obs else data.n_obs
+            kwargs["epochs"] = perceiver_epochs(n)
+        return super().train(train_config=train_config, **kwargs)
+
+
+MODEL_CLASSES: dict[str, type[AutoencoderModel]] = {
+    "scvit": ScViTModel,
+    "perceiver": ScPerceiverModel,
+}
+"""The API class of each architecture (what :meth:`AutoencoderModel.load` returns)."""
 
 
 def _counts(adata: ad.AnnData, layer: str | None):

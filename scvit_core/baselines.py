@@ -381,13 +381,20 @@ def scvi_reconstruction_error(
     layer: str | None = None,
     return_mean: bool = True,
     seed: int | None = 0,
+    posterior: str = "sample",
 ) -> dict[str, float | np.ndarray]:
-    """scVI's own ``get_reconstruction_error`` on the cells of one split.
+    """scVI's reconstruction error ``-log p(x | z)`` on the cells of one split.
 
-    Its value is ``-log p(x | z)`` under scVI's ZINB, summed over genes and averaged over
-    cells, with ``z`` *one sample* of ``q(z | x)`` and the observed library size: the same
-    units as :meth:`ScViTModel.get_reconstruction_error` and :meth:`NullNB.nll`. The sample makes
-    it random; ``seed`` (torch's global seed, set just before) makes it repeatable.
+    Summed over genes and averaged over cells under scVI's ZINB with the observed library size:
+    the same units as :meth:`ScViTModel.get_reconstruction_error` and :meth:`NullNB.nll`.
+
+    Parameters
+    ----------
+    posterior
+        ``"sample"``: scvi-tools' own ``get_reconstruction_error``, which decodes *one sample*
+        of ``q(z | x)`` (random; ``seed``, torch's global seed set just before, makes it
+        repeatable). ``"mean"``: the decoder at the posterior mean ``E[z | x]``, the number to
+        compare with a deterministic autoencoder.
 
     Returns
     -------
@@ -395,14 +402,28 @@ def scvi_reconstruction_error(
         ``{"reconstruction_loss": float}`` (or per-cell ``numpy.ndarray`` with
         ``return_mean=False``).
     """
+    if posterior not in ("sample", "mean"):
+        raise ValueError(f"posterior must be 'sample' or 'mean', got {posterior!r}")
     data = _counts_adata(adata, split, layer)
     model.module.eval()
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.get_reconstruction_error(data, return_mean=return_mean)
-    value = out["reconstruction_loss"]
-    value = float(value) if return_mean else np.asarray(value.detach().cpu(), dtype=np.float64)
-    return {"reconstruction_loss": value}
+    if posterior == "sample":
+        out = model.get_reconstruction_error(data, return_mean=return_mean)
+        value = out["reconstruction_loss"]
+        if return_mean:
+            return {"reconstruction_loss": float(value)}
+        return {"reconstruction_loss": np.asarray(value.detach().cpu(), dtype=np.float64)}
+    module, per_cell = model.module, []
+    with torch.inference_mode():
+        for tensors in model._make_data_loader(adata=model._validate_anndata(data)):
+            inference = module.inference(**module._get_inference_input(tensors))
+            inference = {**inference, "z": inference["qz"].loc}  # the posterior mean
+            px = module.generative(**module._get_generative_input(tensors, inference))["px"]
+            x = tensors["X"].to(px.mu.device if hasattr(px, "mu") else "cpu")
+            per_cell.append(-px.log_prob(x).sum(-1).double().cpu().numpy())
+    values = np.concatenate(per_cell) if per_cell else np.zeros(0)
+    return {"reconstruction_loss": float(values.mean()) if return_mean else values}
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 ::
 
     scvit train zeisel2015 --epochs 10 --out runs/zeisel
+    scvit train zeisel2015 --model perceiver --out runs/zeisel-perceiver
     scvit embed runs/zeisel zeisel2015 --out latent.h5ad
     scvit evaluate runs/zeisel zeisel2015
     scvit diagnose runs/zeisel zeisel2015 --out runs/zeisel/diagnosis
@@ -39,7 +40,19 @@ def _load(data: str, *, layer: str | None, max_cells: int | None, seed: int):
 def _config(args: argparse.Namespace, n_genes: int):
     from scvit_core.config import ScViTConfig
 
-    overrides = dict(likelihood=args.likelihood, library_scaling=args.library_scaling)
+    if args.model == "perceiver":
+        from scvit_core.perceiver import PerceiverConfig
+
+        overrides = dict(attention=not args.no_attention)
+        if args.likelihood is not None:
+            overrides["likelihood"] = args.likelihood
+        if args.no_conv_stem or args.shared_linear or args.extra_convs or args.width != 1.0:
+            raise ValueError(
+                "--no-conv-stem, --shared-linear, --extra-convs and --width are scViT's "
+                "switches; scPerceiver has none of them (drop them or use --model scvit)"
+            )
+        return PerceiverConfig.for_genes(n_genes, **overrides)
+    overrides = dict(likelihood=args.likelihood or "legacy", library_scaling=args.library_scaling)
     overrides.update(
         attention=not args.no_attention,
         conv_stem=not args.no_conv_stem,
@@ -54,21 +67,25 @@ def _config(args: argparse.Namespace, n_genes: int):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from scvit_core.api import ScViTModel
+    from scvit_core.api import MODEL_CLASSES
 
     out = Path(args.out)
     if (out / "model.pt").exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds a model; pass --overwrite")
     adata = _load(args.data, layer=args.layer, max_cells=args.max_cells, seed=args.seed)
     config = _config(args, adata.n_vars)
-    model = ScViTModel(adata, config, seed=args.seed)
+    model = MODEL_CLASSES[args.model](adata, config, seed=args.seed)
     print(model, file=sys.stderr)
-    model.train(
+    # options left unset keep the model's own defaults (scViT: the reference code's)
+    given = dict(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        seed=args.seed,
         input_transform=args.input_transform,
+    )
+    model.train(
+        **{k: v for k, v in given.items() if v is not None},
+        seed=args.seed,
         early_stopping_patience=args.patience,
         accelerator=args.accelerator,
         devices=args.devices,
@@ -176,8 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true")
     train.add_argument("--layer", default=None, help="layer with the raw counts (default X)")
     train.add_argument("--max-cells", type=int, default=None, help="stratified subsample")
+    train.add_argument(
+        "--model",
+        choices=("scvit", "perceiver"),
+        default="scvit",
+        help="scvit (the report's model) or perceiver (scPerceiver, built from the diagnosis)",
+    )
     train.add_argument("--preset", choices=("default", "paper", "small"), default="default")
-    train.add_argument("--likelihood", choices=("legacy", "corrected", "nb"), default="legacy")
+    train.add_argument(
+        "--likelihood",
+        choices=("legacy", "corrected", "nb"),
+        default=None,
+        help="default: legacy for scvit, nb for perceiver",
+    )
     train.add_argument("--library-scaling", action="store_true")
     train.add_argument("--no-attention", action="store_true")
     train.add_argument("--no-conv-stem", action="store_true")
@@ -185,11 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--extra-convs", type=int, default=0)
     train.add_argument("--width", type=float, default=1.0, help="bigger model: width > 1")
     train.add_argument(
-        "--input-transform", choices=("counts", "log1p", "log1p_norm"), default="counts"
+        "--input-transform",
+        choices=("counts", "log1p", "log1p_norm"),
+        default=None,
+        help="default: counts for scvit, log1p for perceiver",
     )
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=256)
-    train.add_argument("--lr", type=float, default=0.005)
+    train.add_argument(
+        "--epochs", type=int, default=None, help="default: 10 (scvit), its own budget (perceiver)"
+    )
+    train.add_argument("--batch-size", type=int, default=None, help="default: 256 / 128")
+    train.add_argument("--lr", type=float, default=None, help="default: 0.005 / 0.001")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--patience", type=int, default=None, help="early stopping patience")
     train.add_argument("--accelerator", default="auto")

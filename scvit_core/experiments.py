@@ -44,9 +44,15 @@ from .train import quiet_lightning
 RESULTS_DIR_ENV = "SCVIT_RESULTS_DIR"
 """Environment variable naming the results directory (default ``./results``)."""
 
-MODELS = ("scvit", "untrained_scvit", "scvi", "pca", "null_nb", "null_nb_library")
-"""What a spec can run: scViT, the same network untrained, scVI, PCA-64, and the two per-gene
-negative-binomial null models (constant mean; mean scaled by library size)."""
+MODELS = ("scvit", "untrained_scvit", "perceiver", "scvi", "pca", "null_nb", "null_nb_library")
+"""What a spec can run: scViT, the same network untrained, scPerceiver (the model built from
+the diagnosis), scVI, PCA-64, and the two per-gene negative-binomial null models (constant
+mean; mean scaled by library size)."""
+
+DEFAULT_BUDGET = "default"
+"""``ExperimentSpec.epochs`` value meaning the model's own default budget: scvi-tools'
+``get_max_epochs_heuristic`` for scVI, :func:`scvit_core.api.perceiver_epochs` for
+scPerceiver (scPerceiver's default even when ``epochs`` is None)."""
 
 PRESETS = ("default", "paper")
 METRIC_COLUMNS = ["metric", "label_key", "checkpoint", "value"]
@@ -75,7 +81,9 @@ class ExperimentSpec:
         ``ScViTConfig`` overrides as sorted ``(name, value)`` pairs, e.g.
         ``(("attention", False), ("likelihood", "corrected"))``; see :meth:`make`.
     epochs
-        Training epochs (None: the profile's).
+        Training epochs (None: the profile's; scPerceiver: its own default budget), or
+        :data:`DEFAULT_BUDGET` for the model's own default budget. The profile's
+        ``max_epochs`` caps either default.
     train_fraction
         Share of the training cells used (label-stratified, the same cells for every seed);
         validation and test cells are always all kept.
@@ -87,7 +95,7 @@ class ExperimentSpec:
     seed: int = 0
     preset: str = "default"
     options: tuple[tuple[str, Any], ...] = ()
-    epochs: int | None = None
+    epochs: int | str | None = None
     train_fraction: float = 1.0
     label: str = field(default="", compare=False)  # a display name; not part of the key
 
@@ -96,6 +104,8 @@ class ExperimentSpec:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        if isinstance(self.epochs, str) and self.epochs != DEFAULT_BUDGET:
+            raise ValueError(f"epochs must be an integer, None or {DEFAULT_BUDGET!r}")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         get_profile(self.profile)  # unknown profiles fail here, with the list of known ones
@@ -271,7 +281,7 @@ def run(
     tmp_dir.mkdir(parents=True)
 
     adata = prepare_data(spec)
-    epochs = spec.epochs or get_profile(spec.profile).epochs
+    epochs = training_epochs(spec, int((adata.obs[K.SPLIT] == "train").sum()))
     with quiet_lightning(not progress):
         metrics, history = _RUNNERS[spec.model](spec, adata, epochs, tmp_dir, progress)
     metrics = metrics.reindex(columns=METRIC_COLUMNS).fillna({"checkpoint": "", "label_key": ""})
@@ -282,6 +292,27 @@ def run(
     (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
     tmp_dir.rename(run_dir)  # a run is in the cache only once it is complete
     return _read(run_dir, cached=False)
+
+
+def training_epochs(spec: ExperimentSpec, n_train: int) -> int:
+    """The epochs a spec trains for, given its number of training cells."""
+    profile = get_profile(spec.profile)
+    if isinstance(spec.epochs, int):
+        return spec.epochs
+    default = spec.epochs == DEFAULT_BUDGET or (spec.epochs is None and spec.model == "perceiver")
+    if not default:
+        return profile.epochs
+    if spec.model == "perceiver":
+        from .api import perceiver_epochs
+
+        epochs = perceiver_epochs(n_train)
+    elif spec.model == "scvi":
+        from scvi.model._utils import get_max_epochs_heuristic
+
+        epochs = get_max_epochs_heuristic(n_train)
+    else:
+        epochs = profile.epochs
+    return min(epochs, profile.max_epochs) if profile.max_epochs else epochs
 
 
 def run_many(specs: list[ExperimentSpec], **kwargs: Any) -> list[ExperimentResult]:
@@ -378,11 +409,14 @@ def _scvit_config(spec: ExperimentSpec, adata: ad.AnnData):
     return ScViTConfig.for_genes(adata.n_vars, **options)
 
 
-def _run_scvit(spec, adata, epochs, out_dir, progress):
-    from .api import ScViTModel
+def _run_autoencoder(spec, adata, epochs, out_dir, progress):
+    from .api import ScPerceiverModel, ScViTModel
     from .evaluate import cost_metrics, evaluate_checkpoints
 
-    model = ScViTModel(adata, _scvit_config(spec, adata), seed=spec.seed)
+    if spec.model == "perceiver":
+        model = ScPerceiverModel(adata, seed=spec.seed, **dict(spec.options))
+    else:
+        model = ScViTModel(adata, _scvit_config(spec, adata), seed=spec.seed)
     start = time.perf_counter()
     model.train(
         epochs=epochs,
@@ -399,6 +433,9 @@ def _run_scvit(spec, adata, epochs, out_dir, progress):
     for checkpoint in ("final", "best"):
         part = both[["metric", "label_key", checkpoint]].rename(columns={checkpoint: "value"})
         rows.append(part.assign(checkpoint=checkpoint))
+    if model.is_variational:  # scvi-tools' reading: one sample of q(z | x), seeded
+        sampled = model.get_reconstruction_error(split="test", sample=True, seed=spec.seed)
+        rows.append(_reconstruction_row(sampled["reconstruction_loss"], sample=True))
     n_train = int((adata.obs[K.SPLIT] == "train").sum())
     cost = cost_metrics(wall_time_s=wall, n_cells=n_train, n_epochs=epochs, module=model.model)
     model.save(out_dir / "model")
@@ -420,10 +457,16 @@ def _run_scvi(spec, adata, epochs, out_dir, progress):
     from .evaluate import cost_metrics, evaluate_embedding
 
     result = train_scvi(adata, max_epochs=epochs, seed=spec.seed, enable_progress_bar=progress)
-    rec = scvi_reconstruction_error(result.model, adata, split="test")["reconstruction_loss"]
+    rec = {
+        posterior: scvi_reconstruction_error(
+            result.model, adata, split="test", posterior=posterior, seed=spec.seed
+        )["reconstruction_loss"]
+        for posterior in ("mean", "sample")
+    }
     latent = scvi_latent(result.model, adata, split=None)
     metrics = [
-        _reconstruction_row(rec),
+        _reconstruction_row(rec["mean"]),
+        _reconstruction_row(rec["sample"], sample=True),
         evaluate_embedding(adata, latent, seed=spec.seed),
         _numeric(
             cost_metrics(
@@ -465,7 +508,8 @@ def _run_null(library_scaled: bool):
 
 
 _RUNNERS = {
-    "scvit": _run_scvit,
+    "scvit": _run_autoencoder,
+    "perceiver": _run_autoencoder,
     "untrained_scvit": _run_untrained,
     "scvi": _run_scvi,
     "pca": _run_pca,
@@ -477,9 +521,12 @@ _RUNNERS = {
 # storage ------------------------------------------------------------------------------------
 
 
-def _reconstruction_row(value: float) -> pd.DataFrame:
-    """The test NLL (scVI's units) as a metrics row."""
-    return pd.DataFrame({"metric": ["reconstruction_loss"], "label_key": [""], "value": [value]})
+def _reconstruction_row(value: float, *, sample: bool = False) -> pd.DataFrame:
+    """The test NLL (scVI's units) as a metrics row: ``reconstruction_loss`` at the posterior
+    mean (the only reading of a deterministic model), ``reconstruction_loss_sample`` at one
+    posterior sample (scvi-tools' ``get_reconstruction_error``)."""
+    metric = "reconstruction_loss_sample" if sample else "reconstruction_loss"
+    return pd.DataFrame({"metric": [metric], "label_key": [""], "value": [value]})
 
 
 def _numeric(cost: pd.DataFrame) -> pd.DataFrame:

@@ -132,22 +132,29 @@ class OutputActivations(nn.Module):
     ``gate_logits = logsigmoid(c)``. ``corrected``/``nb``: ``mean = clamp(softplus(a))`` or,
     with ``library_scaling``, ``softmax(a) * library`` (scVI); ``theta = clamp(softplus(b))``;
     ``gate_logits = c`` (``None`` for ``nb``).
+
+    ``allow_legacy_scaling`` admits the legacy parametrisation with a library-scaled mean
+    (``clamp(softmax(a) * library)``, the rest legacy): the scPerceiver's ablation that reverts
+    the likelihood alone. scViT's configuration keeps refusing the combination.
     """
 
-    def __init__(self, likelihood: str, *, library_scaling: bool = False) -> None:
+    def __init__(
+        self, likelihood: str, *, library_scaling: bool = False, allow_legacy_scaling: bool = False
+    ) -> None:
         super().__init__()
         _check(likelihood)
-        if library_scaling and likelihood == "legacy":
+        if library_scaling and likelihood == "legacy" and not allow_legacy_scaling:
             raise ValueError("library_scaling is not part of the legacy likelihood")
         self.likelihood = likelihood
         self.library_scaling = library_scaling
-        if likelihood == "legacy":
-            self.mean_act = nn.ReLU()
-            self.gate_act = nn.LogSigmoid()
-        elif library_scaling:
+        if library_scaling:
             self.mean_act = nn.Softmax(dim=-1)
+        elif likelihood == "legacy":
+            self.mean_act = nn.ReLU()
         else:
             self.mean_act = nn.Softplus()
+        if likelihood == "legacy":
+            self.gate_act = nn.LogSigmoid()
         self.theta_act = nn.Softplus()
 
     def forward(
@@ -158,18 +165,19 @@ class OutputActivations(nn.Module):
         library: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return ``(mean, theta, gate_logits)``, each ``(cells, genes)``."""
-        if self.likelihood == "legacy":
-            mean = self.mean_act(mean_raw).clamp(LEGACY_MEAN_MIN, LEGACY_MEAN_MAX)
+        legacy = self.likelihood == "legacy"
+        lo, hi = (LEGACY_MEAN_MIN, LEGACY_MEAN_MAX) if legacy else (MEAN_MIN, MEAN_MAX)
+        if self.library_scaling:
+            if library is None:
+                raise ValueError("library_scaling needs each cell's library size")
+            mean = (self.mean_act(mean_raw) * library.reshape(-1, 1)).clamp(lo, hi)
+        else:
+            mean = self.mean_act(mean_raw).clamp(lo, hi)
+        if legacy:
             dispersion = self.theta_act(theta_raw).clamp(
                 LEGACY_DISPERSION_MIN, LEGACY_DISPERSION_MAX
             )
             return mean, 1.0 / dispersion, self.gate_act(gate_raw)
-        if self.library_scaling:
-            if library is None:
-                raise ValueError("library_scaling needs each cell's library size")
-            mean = (self.mean_act(mean_raw) * library.reshape(-1, 1)).clamp(MEAN_MIN, MEAN_MAX)
-        else:
-            mean = self.mean_act(mean_raw).clamp(MEAN_MIN, MEAN_MAX)
         theta = self.theta_act(theta_raw).clamp(THETA_MIN, THETA_MAX)
         return mean, theta, (None if self.likelihood == "nb" else gate_raw)
 

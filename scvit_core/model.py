@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +42,8 @@ from scvit_core.likelihood import OutputActivations, nll
 
 
 @dataclass
-class ScViTOutput:
-    """What :meth:`ScViT.forward` returns.
+class AutoencoderOutput:
+    """What the forward pass of every autoencoder of the project returns (scViT, scPerceiver).
 
     Attributes
     ----------
@@ -54,12 +55,98 @@ class ScViTOutput:
         Inverse dispersion ``r`` (pyro's ``total_count``); ``1 / dispersion`` for ``legacy``.
     gate_logits
         Zero-inflation logits, or ``None`` for the ``nb`` likelihood.
+    kl
+        Per-cell ``KL(q(z | x) || N(0, I))`` of a variational model, ``(cells,)``; None for a
+        deterministic one (scViT).
     """
 
     z: torch.Tensor
     mean: torch.Tensor
     theta: torch.Tensor
     gate_logits: torch.Tensor | None
+    kl: torch.Tensor | None = None
+
+
+ScViTOutput = AutoencoderOutput
+"""The name of :class:`AutoencoderOutput` from before there were two models."""
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionSite:
+    """One place where a network mixes tokens with attention weights (for :mod:`interpret`).
+
+    Attributes
+    ----------
+    name
+        Stable layer name (scViT: ``encoder.{i}`` / ``decoder.{i}``); sites whose name starts
+        with ``decoder`` run after the latent.
+    softmax
+        The ``nn.Softmax`` whose output is the attention weights on the explicit path
+        (``fused=False``), normalised over its own ``dim`` (:attr:`dim`): hooks on it read or
+        replace the weights.
+    update
+        The module whose output is the attention update added to the residual, or None where
+        the weights' output is not summed with a residual (cross-attention between genes and
+        tokens).
+    skip
+        The identity module on the residual branch (its output is the other term of the sum),
+        or None.
+    self_attention
+        Queries and keys are the same tokens (square weights), so "each token attends to
+        itself" (identity weights, the self weight) is defined.
+    """
+
+    name: str
+    softmax: nn.Softmax
+    update: nn.Module | None = None
+    skip: nn.Module | None = None
+    self_attention: bool = True
+
+    @property
+    def dim(self) -> int:
+        """The dimension the weights are normalised over (-1 for the usual ``(.., T_q, T_k)``)."""
+        return -1 if self.softmax.dim is None else self.softmax.dim
+
+    @property
+    def residual(self) -> bool:
+        """Whether the site's update is summed with a skip branch (update and skip given)."""
+        return self.update is not None and self.skip is not None
+
+
+@runtime_checkable
+class Interpretable(Protocol):
+    """What :mod:`interpret` needs of a network (implemented by scViT and scPerceiver).
+
+    ``forward(x, library=)`` returns an :class:`AutoencoderOutput`; ``encode(x)`` the latent
+    ``(cells, n_latent)``; ``decode(z, library=)`` ``(mean, theta, gate_logits)``;
+    ``forward_intermediates(x, library=)`` every layer's output by stable name, in execution
+    order (with ``latent``); ``config`` has ``likelihood``, ``n_latent`` and ``attention``.
+    Every :class:`Attention` inside gives the explicit path with ``fused = False``.
+    """
+
+    config: Any
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(
+        self, z: torch.Tensor, *, library: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
+
+    def forward_intermediates(
+        self, x: torch.Tensor, *, library: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]: ...
+
+    def attention_sites(self) -> list[AttentionSite]:
+        """Every attention, in execution order."""
+        ...
+
+    def token_layers(self) -> list[str]:
+        """Names (keys of ``forward_intermediates``) of the token tensors ``(B, T, d)``."""
+        ...
+
+    def layer_paths(self) -> dict[str, str]:
+        """Layer name -> dotted path of the module whose output it is, in execution order."""
+        ...
 
 
 # building blocks ---------------------------------------------------------------------------
@@ -152,6 +239,13 @@ class MatMul(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(a, b)
+
+
+class Mul(nn.Module):
+    """``a * b`` (broadcasting) as a module, for products of two cell-dependent tensors."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
 
 
 class Attention(nn.Module):
@@ -419,12 +513,12 @@ class ScViT(nn.Module):
             parts = [p[:, :n] for p in parts]
         return tuple(parts)
 
-    def forward(self, x: torch.Tensor, *, library: torch.Tensor | None = None) -> ScViTOutput:
+    def forward(self, x: torch.Tensor, *, library: torch.Tensor | None = None) -> AutoencoderOutput:
         """Encode and decode a batch ``(B, n_genes)``."""
         z = self.encode(x)
-        return ScViTOutput(z, *self.decode(z, library=library))
+        return AutoencoderOutput(z, *self.decode(z, library=library))
 
-    def loss(self, output: ScViTOutput, counts: torch.Tensor) -> torch.Tensor:
+    def loss(self, output: AutoencoderOutput, counts: torch.Tensor) -> torch.Tensor:
         """Training loss: NLL of the raw ``counts`` summed over genes, averaged over cells."""
         return nll(output, counts, likelihood=self.config.likelihood).mean()
 
@@ -448,6 +542,52 @@ class ScViT(nn.Module):
         if gate is not None:
             record["gate_logits"] = gate
         return record
+
+    # the interface of interpret (see Interpretable) ----------------------------------------
+
+    def attention_sites(self) -> list[AttentionSite]:
+        """Every stage's attention, in execution order (``encoder.0`` ... ``decoder.0``).
+
+        Each is residual self-attention: ``skip(x) + attention(x)``; none without attention.
+        """
+        stages = [*self.encoder, *self.decoder]
+        return [
+            AttentionSite(s.name, s.attention.softmax, s.attention, s.skip)
+            for s in stages
+            if s.attention is not None
+        ]
+
+    def token_layers(self) -> list[str]:
+        """``stem``, ``encoder.{i}``, ``decoder.{i}``: the outputs that are ``(B, tokens, d)``."""
+        return ["stem", *(s.name for s in self.encoder), *(s.name for s in self.decoder)]
+
+    def layer_paths(self) -> dict[str, str]:
+        """Layer names -> module paths, in execution order.
+
+        The names of :meth:`forward_intermediates` that are one module's output, plus per
+        stage with attention ``{stage}.skip``, ``{stage}.attention`` and ``{stage}.residual``
+        (the residual sum ``skip + attention``, read at the dropout that follows it).
+        """
+        paths = {"stem": "stem"}
+        for i, stage in enumerate(self.encoder):
+            paths[f"{stage.name}.linear"] = f"encoder.{i}.linear"
+            if stage.attention is not None:
+                paths[f"{stage.name}.skip"] = f"encoder.{i}.skip"
+                paths[f"{stage.name}.attention"] = f"encoder.{i}.attention"
+                paths[f"{stage.name}.residual"] = f"encoder.{i}.drop_attn"
+            paths[stage.name] = f"encoder.{i}"
+        for j in range(len(self.bottleneck)):
+            paths[f"bottleneck.{j}"] = f"bottleneck.{j}"
+        for j in range(len(self.decoder_dense)):
+            paths[f"decoder.dense.{j}"] = f"decoder_dense.{j}"
+        for k, stage in enumerate(self.decoder):  # stored from the last encoder stage's mirror
+            if stage.attention is not None:
+                paths[f"{stage.name}.skip"] = f"decoder.{k}.skip"
+                paths[f"{stage.name}.attention"] = f"decoder.{k}.attention"
+                paths[f"{stage.name}.residual"] = f"decoder.{k}.drop_attn"
+            paths[stage.name] = f"decoder.{k}"
+        paths["head"] = "head"
+        return paths
 
 
 def _save(record: dict | None, name: str, x: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ class Profile:
     train_fractions: tuple[float, ...] = (1.0,)  # training-set sizes, as shares of the train split
     scvi_long_epochs: int | None = None  # scVI's longer budget (None: scvi-tools' own default)
     train_cells: tuple[int, ...] = ()  # the report's training-set sizes (paper profile)
+    max_epochs: int | None = None  # caps the models' own default budgets (scVI, scPerceiver)
 
 
 PROFILES: dict[str, Profile] = {
@@ -38,6 +39,7 @@ PROFILES: dict[str, Profile] = {
         n_seeds=1,
         train_fractions=(0.5, 1.0),
         scvi_long_epochs=2,
+        max_epochs=2,
     ),
     "cpu": Profile(
         "cpu",

@@ -31,19 +31,24 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
+from torch import nn
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from scvit_core.config import ScViTConfig
+from scvit_core.architectures import AnyConfig, build_network, config_from_dict
 from scvit_core.likelihood import nll
-from scvit_core.model import ScViT, ScViTOutput
+from scvit_core.model import AutoencoderOutput
 
 INPUT_TRANSFORMS = ("counts", "log1p", "log1p_norm")
 """What the network reads: raw counts, ``log1p(counts)``, or ``log1p`` of counts scaled to
 :data:`NORM_TARGET` per cell. The likelihood target is the raw counts in every case."""
 
 NORM_TARGET = 1e4
+
+SCHEDULES = ("cosine_restarts", "one_cycle")
+"""Learning-rate schedules: the reference code's ``CosineAnnealingWarmRestarts(T_0=1)`` stepped
+at fractional epochs, or ``OneCycleLR`` (10% warm-up, cosine decay to ~0 by the last step)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,6 +121,12 @@ class TrainConfig:
     grad_norm_every
         Record the L2 norm of each parameter group's gradient every this many optimiser
         steps (0: off); see :class:`GradNormLogger` and :attr:`TrainResult.grad_norms`.
+    schedule
+        One of :data:`SCHEDULES`.
+    kl_weight, kl_warmup
+        Variational models only: the loss is ``NLL + w KL`` with ``w`` rising linearly from 0
+        to ``kl_weight`` over the first ``kl_warmup`` share of the optimiser steps (scVI warms
+        up over 400 epochs, all of its default budget below 20k cells).
     """
 
     epochs: int = 10
@@ -134,8 +145,15 @@ class TrainConfig:
     enable_progress_bar: bool = True
     num_workers: int = 0
     grad_norm_every: int = 0
+    schedule: str = "cosine_restarts"
+    kl_weight: float = 1.0
+    kl_warmup: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.kl_weight < 0 or not 0 <= self.kl_warmup <= 1:
+            raise ValueError("kl_weight must be >= 0 and kl_warmup in [0, 1]")
         if self.input_transform not in INPUT_TRANSFORMS:
             raise ValueError(
                 f"input_transform must be one of {INPUT_TRANSFORMS}, got {self.input_transform!r}"
@@ -182,22 +200,29 @@ def transform_input(counts: torch.Tensor, transform: str) -> torch.Tensor:
     raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {transform!r}")
 
 
-def forward_counts(model: ScViT, counts: torch.Tensor, *, input_transform: str) -> ScViTOutput:
-    """Run ``model`` on raw counts ``(B, genes)``: transform the input, pass the library size."""
+def forward_counts(
+    model: nn.Module, counts: torch.Tensor, *, input_transform: str, sample: bool | None = None
+) -> AutoencoderOutput:
+    """Run ``model`` on raw counts ``(B, genes)``: transform the input, pass the library size.
+
+    ``sample`` (variational models): decode a sample of ``q(z | x)`` (True) or its mean
+    (False); None follows the model's training mode. Deterministic models ignore it.
+    """
     library = counts.sum(dim=1)  # (B,) used by library_scaling, ignored otherwise
-    return model(transform_input(counts, input_transform), library=library)
+    kwargs = {} if sample is None else {"sample": sample}
+    return model(transform_input(counts, input_transform), library=library, **kwargs)
 
 
 def per_cell_nll(
-    model: ScViT, counts: torch.Tensor, *, input_transform: str
-) -> tuple[torch.Tensor, ScViTOutput]:
+    model: nn.Module, counts: torch.Tensor, *, input_transform: str, sample: bool | None = None
+) -> tuple[torch.Tensor, AutoencoderOutput]:
     """Per-cell NLL ``(B,)`` of the raw counts (summed over genes), and the model's output.
 
     The likelihood runs in float32 even under mixed precision: the log-gamma terms of the
-    negative binomial lose too much in 16-bit.
+    negative binomial lose too much in 16-bit. ``sample`` as in :func:`forward_counts`.
     """
-    out = forward_counts(model, counts, input_transform=input_transform)
-    params = ScViTOutput(
+    out = forward_counts(model, counts, input_transform=input_transform, sample=sample)
+    params = AutoencoderOutput(
         out.z,
         out.mean.float(),
         out.theta.float(),
@@ -209,7 +234,7 @@ def per_cell_nll(
 
 @torch.no_grad()
 def evaluate_loss(
-    model: ScViT,
+    model: nn.Module,
     loader: DataLoader | Any,
     *,
     input_transform: str,
@@ -234,20 +259,22 @@ def evaluate_loss(
     return total / max(n, 1)
 
 
-class ScViTLightning(L.LightningModule):
-    """Lightning wrapper of :class:`~scvit_core.model.ScViT`: loss, optimiser and schedule.
+class AutoencoderLightning(L.LightningModule):
+    """Lightning wrapper of either autoencoder (scViT, scPerceiver): loss, optimiser, schedule.
 
     Parameters
     ----------
     model_config
-        The network (a :class:`ScViTConfig` or its ``to_dict()``).
+        The network (a :class:`~scvit_core.config.ScViTConfig` or
+        :class:`~scvit_core.perceiver.PerceiverConfig`, or its ``to_dict()``); see
+        :mod:`scvit_core.architectures`.
     train_config
         Optimiser, schedule and input transform (a :class:`TrainConfig` or its ``to_dict()``).
 
     Notes
     -----
     Both configs are stored as plain dictionaries in the checkpoint's hyper-parameters, so a
-    checkpoint rebuilds its module with ``ScViTLightning.load_from_checkpoint(path)``. The
+    checkpoint rebuilds its module with ``AutoencoderLightning.load_from_checkpoint(path)``. The
     per-epoch history (train and validation loss, learning rate) and the gradient norms
     recorded by :class:`GradNormLogger` are saved in the checkpoint too, so a resumed run keeps
     its earlier epochs.
@@ -255,12 +282,12 @@ class ScViTLightning(L.LightningModule):
 
     def __init__(
         self,
-        model_config: ScViTConfig | dict,
+        model_config: AnyConfig | dict,
         train_config: TrainConfig | dict | None = None,
     ) -> None:
         super().__init__()
         if isinstance(model_config, dict):
-            model_config = ScViTConfig.from_dict(model_config)
+            model_config = config_from_dict(model_config)
         if train_config is None:
             train_config = TrainConfig()
         elif isinstance(train_config, dict):
@@ -269,24 +296,35 @@ class ScViTLightning(L.LightningModule):
             {"model_config": model_config.to_dict(), "train_config": train_config.to_dict()}
         )
         self.model_config, self.train_config = model_config, train_config
-        self.model = ScViT(model_config)
+        self.model = build_network(model_config)
         self.history: list[dict[str, float]] = []
         self.grad_norms: list[dict[str, Any]] = []  # rows written by GradNormLogger
         self._sums = {"train": [0.0, 0], "val": [0.0, 0]}
         self._batch_idx = 0
         self._epoch_start = time.perf_counter()
 
-    def forward(self, counts: torch.Tensor) -> ScViTOutput:
+    def forward(self, counts: torch.Tensor) -> AutoencoderOutput:
         return forward_counts(self.model, counts, input_transform=self.train_config.input_transform)
+
+    def kl_weight(self) -> float:
+        """The KL term's weight at the current step (linear warm-up, :class:`TrainConfig`)."""
+        cfg = self.train_config
+        if cfg.kl_warmup == 0 or self._trainer is None:
+            return cfg.kl_weight
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        return cfg.kl_weight * min(1.0, self.global_step / (cfg.kl_warmup * total))
 
     def _loss(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> torch.Tensor:
         counts = batch["counts"]  # (B, genes) raw counts: the likelihood's target
-        per_cell, _ = per_cell_nll(
+        per_cell, out = per_cell_nll(
             self.model, counts, input_transform=self.train_config.input_transform
         )
-        loss = per_cell.mean()
+        loss = per_cell.mean()  # the reconstruction NLL, logged and monitored
         if not torch.isfinite(loss):
             self._raise_non_finite(float(loss), batch_idx, stage)
+        objective = loss
+        if out.kl is not None and stage == "train":
+            objective = loss + self.kl_weight() * out.kl.float().mean()
         self._sums[stage][0] += float(per_cell.detach().double().sum())
         self._sums[stage][1] += counts.shape[0]
         self.log(
@@ -298,7 +336,7 @@ class ScViTLightning(L.LightningModule):
             batch_size=counts.shape[0],
             sync_dist=stage == "val",
         )
-        return loss
+        return objective
 
     def _raise_non_finite(self, value: float, batch_idx: int, stage: str) -> None:
         last = None
@@ -342,13 +380,24 @@ class ScViTLightning(L.LightningModule):
             weight_decay=self.train_config.weight_decay,
             fused=device.type in ("cpu", "cuda", "mps"),
         )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=1)
+        if self.train_config.schedule == "one_cycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=self.train_config.lr,
+                total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
+                pct_start=0.1,
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=1)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if self.train_config.schedule != "cosine_restarts":
+            scheduler.step()
+            return
         # The reference steps after batch i at the fractional epoch ``epoch + i / n_batches``;
         # Lightning's default would call step() without the epoch (one "epoch" per batch).
         n_batches = max(int(self.trainer.num_training_batches), 1)
@@ -461,8 +510,12 @@ class TrainResult:
     grad_norms: pd.DataFrame = dataclasses.field(default_factory=lambda: grad_norm_frame([]))
 
 
+ScViTLightning = AutoencoderLightning
+"""The name of :class:`AutoencoderLightning` from before there were two models."""
+
+
 def fit(
-    module: ScViTLightning,
+    module: AutoencoderLightning,
     train_loader: DataLoader,
     val_loader: DataLoader | None = None,
     *,
