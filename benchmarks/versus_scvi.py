@@ -112,7 +112,9 @@ def main() -> None:
                 row = {"model": model, "seed": seed} | runner(adata, seed)
             rows.append(row)
             print(
-                "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                "  ".join(
+                    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                ),
                 flush=True,
             )
     table = pd.DataFrame(rows)

@@ -5,9 +5,13 @@ softmax, products, LayerNorm and every element-wise activation; the same numbers
 path) and reaches any layer's output through a probe. :mod:`interpret.attribution` runs
 DeepSHAP and Captum's layer methods on it, each result carrying its own sanity figure, and
 compares methods and randomised models. :mod:`interpret.diagnostics` measures attention,
-tokens and representations; :func:`diagnose` runs all of it on one trained scViT as one report
-(also ``scvit diagnose`` on the command line); :mod:`interpret.genes` checks gene-level
+tokens and representations; :func:`diagnose` runs all of it on one trained network as one
+report (also ``scvit diagnose`` on the command line); :mod:`interpret.genes` checks gene-level
 attributions against marker genes.
+
+Every tool reads a network through one small interface,
+:class:`~scvit_core.model.Interpretable` (``encode``, ``decode``, ``forward_intermediates``,
+``attention_sites``, ``token_layers``, ``layer_paths``), implemented by scViT and scPerceiver.
 """
 
 from .attribution import (

@@ -59,7 +59,6 @@ from interpret.safe import (
     shap_passthrough,
 )
 from scvit_core.evaluate import ReportMLP
-from scvit_core.model import ScViT
 
 METHODS = (
     "deepshap",
@@ -113,9 +112,10 @@ def tolerance(method: str, n_steps: int = 32) -> float:
 
 
 class LatentTarget(nn.Module):
-    """scViT's latent ``z`` ``(cells, n_latent)``; the target index is a latent dimension."""
+    """A network's latent ``z = model.encode(x)`` ``(cells, n_latent)`` (scViT, scPerceiver's
+    posterior mean); the target index is a latent dimension."""
 
-    def __init__(self, model: ScViT) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -124,7 +124,8 @@ class LatentTarget(nn.Module):
 
 
 class MeanTarget(nn.Module):
-    """scViT's decoded mean of ``genes`` ``(cells, len(genes))``; the target indexes ``genes``.
+    """A network's decoded mean of ``genes`` ``(cells, len(genes))``: ``model.decode`` of
+    ``model.encode(x)`` (scViT, scPerceiver at its posterior mean); the target indexes ``genes``.
 
     With ``library_scaling`` the decoder needs each cell's library size: pass it as
     ``additional_forward_args=(library,)`` to :func:`attribute`. It is held at the explained
@@ -132,7 +133,7 @@ class MeanTarget(nn.Module):
     profile at fixed depth.
     """
 
-    def __init__(self, model: ScViT, genes: Sequence[int]) -> None:
+    def __init__(self, model: nn.Module, genes: Sequence[int]) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("genes", torch.as_tensor(list(genes), dtype=torch.long))
@@ -143,13 +144,14 @@ class MeanTarget(nn.Module):
 
 
 class ClassifierTarget(nn.Module):
-    """Logits ``(cells, classes)`` of a trained classifier on scViT's latent (or any encoder's).
+    """Logits ``(cells, classes)`` of a trained classifier on a network's latent (or any
+    encoder's).
 
     Parameters
     ----------
     model
-        The scViT model (its ``encode`` is used), or any encoder module mapping inputs to the
-        latent (e.g. :func:`scvi_encoder`).
+        A network with an ``encode`` method (scViT, scPerceiver; it is used), or any encoder
+        module mapping inputs to the latent (e.g. :func:`scvi_encoder`).
     mlp
         A trained :class:`~scvit_core.evaluate.ReportMLP` (from
         :func:`~scvit_core.evaluate.fit_report_mlp`) or any ``nn.Sequential``; a final
@@ -157,7 +159,7 @@ class ClassifierTarget(nn.Module):
         :func:`attribute` explains each cell's predicted class.
     """
 
-    def __init__(self, model: ScViT, mlp: nn.Module) -> None:
+    def __init__(self, model: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         layers = list(mlp.layers if isinstance(mlp, ReportMLP) else mlp)
         if isinstance(layers[-1], nn.LogSoftmax):
@@ -166,7 +168,7 @@ class ClassifierTarget(nn.Module):
         self.classifier = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.model.encode(x) if isinstance(self.model, ScViT) else self.model(x)
+        z = self.model.encode(x) if callable(getattr(self.model, "encode", None)) else self.model(x)
         return self.classifier(z)
 
 

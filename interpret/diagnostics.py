@@ -1,4 +1,4 @@
-"""Representation and attention diagnostics of a trained scViT (DESIGN.md section 6, issue 5).
+"""Representation and attention diagnostics of a trained network (DESIGN.md section 6, issue 5).
 
 Questions each function answers, so that "attention and patching contribute little" can be
 explained rather than observed:
@@ -20,26 +20,34 @@ explained rather than observed:
 * which blocks receive the gradient during training? :func:`grad_norm_share` (of the rows
   recorded with ``TrainConfig(grad_norm_every=n)``).
 
-The functions that run a model take an :class:`~scvit_core.model.ScViT` network and its
-*inputs* ``x`` (``(cells, genes)``, already transformed as the network reads them;
-:func:`diagnostic_inputs` builds them, with counts, labels and split, from an AnnData and an
-:class:`~scvit_core.api.ScViTModel`). The caller's network is never modified: each function
-works on a deep copy in evaluation mode, with the explicit attention path (``fused=False``)
-where it hooks the attention weights. Forward passes run in batches under ``torch.no_grad``
-on the network's device. Layer names are those of
-:meth:`ScViT.forward_intermediates`: ``encoder.{i}`` and ``decoder.{i}`` name the attention of
-encoder stage ``i`` and of its mirror in the decoder.
+The functions that run a model take a network and its *inputs* ``x`` (``(cells, genes)``,
+already transformed as the network reads them; :func:`diagnostic_inputs` builds them, with
+counts, labels and split, from an AnnData and a trained API model such as
+:class:`~scvit_core.api.ScViTModel`). Any network with the interface of
+:class:`~scvit_core.model.Interpretable` works (scViT, scPerceiver): ``encode``, ``decode``,
+``forward_intermediates``, ``attention_sites()`` (:class:`~scvit_core.model.AttentionSite`:
+the softmax giving each attention's weights, its update and skip branch) and
+``token_layers()``; the conv-stem and output-head functions (:func:`stem_span`,
+:func:`stem_spectra`, :func:`token_similarity`, :func:`decoder_gene_tokens`) are scViT's
+only. The caller's network is never modified: each function works on a deep copy in
+evaluation mode, with the explicit attention path (``fused=False``) where it hooks the
+attention weights. Forward passes run in batches under ``torch.no_grad`` on the network's
+device. Layer names are those of ``forward_intermediates``; attention sites are named by
+``attention_sites()`` (scViT: ``encoder.{i}`` and ``decoder.{i}`` name the attention of
+encoder stage ``i`` and of its mirror in the decoder; scPerceiver adds ``encoder.cross``, the
+latent queries reading the genes, and ``decoder.readout``, the genes reading the tokens).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
@@ -51,11 +59,12 @@ from torch import nn
 from scvit_core import _constants as K
 from scvit_core.data import align_genes, count_dataloader, stratified_subsample, validate_counts
 from scvit_core.likelihood import nll
-from scvit_core.model import Attention, ScViT, ScViTOutput
+from scvit_core.model import Attention, AttentionSite, AutoencoderOutput
 from scvit_core.train import transform_input
 
 if TYPE_CHECKING:
     from scvit_core.api import ScViTModel
+    from scvit_core.model import ScViT
 
 __all__ = [
     "KNOCKOUT_MODES",
@@ -63,6 +72,7 @@ __all__ = [
     "attention_entropy",
     "attention_knockout",
     "attention_layers",
+    "attention_sites",
     "cka_between",
     "cka_matrix",
     "decoder_gene_tokens",
@@ -83,7 +93,8 @@ __all__ = [
 
 KNOCKOUT_MODES = ("trained", "uniform", "identity", "zero")
 """Attention at inference: as trained; uniform weights ``1/T`` (every token gets the mean of
-the values); identity weights (each token gets its own value); no update at all."""
+the values); identity weights (each token gets its own value; self-attention only); no update
+at all (sites whose update is added to a residual only)."""
 
 BATCH_SIZE = 256
 
@@ -123,7 +134,7 @@ class DiagnosticInputs:
 
 
 def diagnostic_inputs(
-    model: ScViTModel,
+    model: ScViTModel | Any,
     adata: ad.AnnData | None = None,
     *,
     label_key: str = K.CELL_TYPE,
@@ -140,7 +151,9 @@ def diagnostic_inputs(
     Parameters
     ----------
     model
-        A :class:`~scvit_core.api.ScViTModel`.
+        A trained API model (:class:`~scvit_core.api.ScViTModel`, the scPerceiver's): its
+        ``adata``, ``train_config.input_transform`` and, if present, ``genes`` (default the
+        AnnData's genes) and ``layer`` (default ``X``).
     adata
         The cells (default: the model's own AnnData); not modified.
     label_key
@@ -155,9 +168,11 @@ def diagnostic_inputs(
     DiagnosticInputs
     """
     target = model.adata if adata is None else adata
-    layer = model.layer if target is model.adata else None
-    if [str(g) for g in target.var_names] != list(model.genes):
-        target, report = align_genes(target, model.genes, layer=layer)
+    layer = getattr(model, "layer", None) if target is model.adata else None
+    genes = getattr(model, "genes", None)
+    genes = [str(g) for g in model.adata.var_names] if genes is None else list(genes)
+    if [str(g) for g in target.var_names] != genes:
+        target, report = align_genes(target, genes, layer=layer)
         layer = None
         warnings.warn(f"data aligned to the model's genes: {report}", stacklevel=2)
     if max_cells is not None and target.n_obs > max_cells:
@@ -188,8 +203,9 @@ def diagnostic_inputs(
 # --------------------------------------------------------------------------------------------
 
 
-def _eval_copy(model: ScViT, *, explicit: bool = False) -> ScViT:
-    """A deep copy in evaluation mode; ``explicit`` switches attention to the unfused path."""
+def _eval_copy(model: nn.Module, *, explicit: bool = False) -> nn.Module:
+    """A deep copy in evaluation mode; ``explicit`` switches every
+    :class:`~scvit_core.model.Attention` to the unfused path (its softmax module runs)."""
     net = copy.deepcopy(model).eval()
     if explicit:
         for module in net.modules():
@@ -227,19 +243,39 @@ def _small_linalg():
     return threadpool_limits(limits=1)
 
 
-def _attention_stages(model: ScViT) -> list[tuple[str, nn.Module]]:
-    """``(name, stage)`` of every stage with attention, in execution order."""
-    stages = [*model.encoder, *model.decoder]
-    return [(s.name, s) for s in stages if s.attention is not None]
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """The network's :class:`~scvit_core.model.AttentionSite` s, in execution order.
 
-
-def attention_layers(model: ScViT) -> list[str]:
-    """Names of the stages with attention, in execution order (``encoder.0`` ... ``decoder.0``).
-
-    The names used by every diagnostic here and by :meth:`ScViT.forward_intermediates`; the
-    ``stages`` argument of :func:`knocked_out` takes them.
+    ``model.attention_sites()``; a network without that method has no attention.
     """
-    return [name for name, _ in _attention_stages(model)]
+    sites = getattr(model, "attention_sites", None)
+    return [] if sites is None else list(sites())
+
+
+def attention_layers(model: nn.Module) -> list[str]:
+    """Names of the attention sites, in execution order (scViT: ``encoder.0`` ...
+    ``decoder.0``; scPerceiver: ``encoder.cross``, ``encoder.{i}``, ``decoder.{i}``,
+    ``decoder.readout``).
+
+    The names used by every diagnostic here; the ``stages`` argument of :func:`knocked_out`
+    takes them.
+    """
+    return [site.name for site in attention_sites(model)]
+
+
+def _weights(w: torch.Tensor, site: AttentionSite) -> torch.Tensor:
+    """Attention weights as ``(B, heads, queries, keys)``, normalised over the last axis.
+
+    The softmax's own dimension is moved last (scPerceiver's readout normalises ``(B, m, G)``
+    over ``dim=1``: its queries are the genes); one-head weights ``(B, queries, keys)`` get a
+    head axis.
+    """
+    w = w.movedim(site.dim, -1)
+    if w.ndim == 3:
+        w = w.unsqueeze(1)
+    if w.ndim != 4:
+        raise ValueError(f"attention weights of {site.name!r} have shape {tuple(w.shape)}")
+    return w
 
 
 def _rows(split: np.ndarray | None, value: str, n: int) -> np.ndarray:
@@ -265,7 +301,7 @@ class _Hooks:
             handle.remove()
 
 
-def _layer_names(model: ScViT, x: torch.Tensor, library: torch.Tensor) -> list[str]:
+def _layer_names(model: nn.Module, x: torch.Tensor, library: torch.Tensor) -> list[str]:
     """Keys of ``forward_intermediates`` in execution order, each tensor named once.
 
     ``latent`` is the same tensor as the last ``bottleneck.{j}``; it keeps the name ``latent``
@@ -286,7 +322,7 @@ def _layer_names(model: ScViT, x: torch.Tensor, library: torch.Tensor) -> list[s
 
 
 def _collect(
-    model: ScViT,
+    model: nn.Module,
     x: torch.Tensor,
     names: Sequence[str],
     *,
@@ -310,19 +346,20 @@ def _collect(
 
 
 def attention_entropy(
-    model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZE
+    model: nn.Module, x, *, library=None, batch_size: int = BATCH_SIZE
 ) -> pd.DataFrame:
     """How spread out each head's attention is, against uniform attention.
 
-    The attention weights are read at the output of each attention's ``softmax`` module (the
-    explicit path, on a copy with ``fused=False``; evaluation mode, so no attention dropout).
-    Each row of weights (one query token) has entropy ``H = -sum_j w_j log w_j``; uniform
-    attention over ``T`` tokens has ``log T`` and puts ``1/T`` on every token.
+    The attention weights are read at the output of each attention site's ``softmax`` module
+    (:meth:`attention_sites`; the explicit path, on a copy with ``fused=False``; evaluation
+    mode, so no attention dropout), over the softmax's own dimension. Each row of weights (one
+    query) has entropy ``H = -sum_j w_j log w_j`` over the ``T`` keys; uniform attention has
+    ``log T`` and puts ``1/T`` on every key.
 
     Parameters
     ----------
     model
-        A trained :class:`~scvit_core.model.ScViT` (not modified).
+        A trained network (scViT, scPerceiver; not modified).
     x
         Inputs ``(cells, genes)``, transformed as the network reads them.
     library
@@ -333,49 +370,52 @@ def attention_entropy(
     Returns
     -------
     pandas.DataFrame
-        One row per attention module and head, in execution order: ``layer`` (``encoder.{i}``
-        / ``decoder.{i}``), ``head``, ``tokens`` ``T``, ``entropy`` (mean over cells and query
-        tokens), ``uniform_entropy`` ``log T``, ``entropy_ratio`` (``entropy / log T``: 1 is
-        uniform, 0 one-hot), ``max_weight`` (mean largest weight of a row; uniform ``1/T``),
-        ``self_weight`` (mean weight of a token on itself), ``uniform_weight`` ``1/T``.
+        One row per attention site and head, in execution order: ``layer`` (the site's name,
+        e.g. ``encoder.{i}`` / ``decoder.{i}``), ``head``, ``tokens`` ``T`` (keys each row is
+        normalised over), ``queries`` (rows), ``entropy`` (mean over cells and queries),
+        ``uniform_entropy`` ``log T``, ``entropy_ratio`` (``entropy / log T``: 1 is uniform, 0
+        one-hot), ``max_weight`` (mean largest weight of a row; uniform ``1/T``),
+        ``self_weight`` (mean weight of a token on itself; NaN where queries and keys are not
+        the same tokens), ``uniform_weight`` ``1/T``.
     """
     net = _eval_copy(model, explicit=True)
     x = _as_tensor(x)
     library = _library(library, len(x))
     sums: dict[str, torch.Tensor] = {}  # name -> (3, heads): entropy, max, self
+    shapes: dict[str, tuple[int, int]] = {}  # name -> (queries, keys)
 
-    def hook(name):
-        def record(module, inputs, w):  # w: (B, heads, T, T)
-            rows = torch.stack(
-                [
-                    -torch.xlogy(w, w).sum(-1),  # entropy of each row, (B, heads, T)
-                    w.amax(-1),
-                    w.diagonal(dim1=-2, dim2=-1),
-                ]
-            )  # (3, B, heads, T)
+    def hook(site: AttentionSite):
+        def record(module, inputs, w):
+            w = _weights(w, site)  # (B, heads, queries, keys)
+            queries, keys = w.shape[-2:]
+            square = site.self_attention and queries == keys
+            own = w.diagonal(dim1=-2, dim2=-1) if square else torch.full_like(w[..., 0], math.nan)
+            rows = torch.stack([-torch.xlogy(w, w).sum(-1), w.amax(-1), own])  # (3, B, h, Q)
             total = rows.double().mean(-1).sum(1).cpu()  # (3, heads): summed over cells
-            sums[name] = sums.get(name, 0) + total
+            sums[site.name] = sums.get(site.name, 0) + total
+            shapes[site.name] = (queries, keys)
 
         return record
 
-    stages = _attention_stages(net)
+    sites = attention_sites(net)
     with _Hooks() as hooks, torch.no_grad():
-        for name, stage in stages:
-            hooks.add(stage.attention.softmax, hook(name))
+        for site in sites:
+            hooks.add(site.softmax, hook(site))
         device = _device(net)
         for sl in _slices(len(x), batch_size):
             net(x[sl].to(device), library=library[sl].to(device))
     rows = []
-    for name, stage in stages:
-        total = sums[name] / len(x)
-        tokens = stage.tokens
+    for site in sites:
+        total = sums[site.name] / len(x)
+        queries, tokens = shapes[site.name]
         for head in range(total.shape[1]):
             entropy, max_weight, self_weight = (float(v) for v in total[:, head])
             rows.append(
                 {
-                    "layer": name,
+                    "layer": site.name,
                     "head": head,
                     "tokens": tokens,
+                    "queries": queries,
                     "entropy": entropy,
                     "uniform_entropy": math.log(tokens),
                     "entropy_ratio": entropy / math.log(tokens) if tokens > 1 else math.nan,
@@ -392,12 +432,15 @@ def attention_entropy(
 # --------------------------------------------------------------------------------------------
 
 
-def update_norms(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZE) -> pd.DataFrame:
-    """Size and direction of each stage's attention update relative to its residual input.
+def update_norms(
+    model: nn.Module, x, *, library=None, batch_size: int = BATCH_SIZE
+) -> pd.DataFrame:
+    """Size and direction of each attention update relative to its residual input.
 
-    In every stage with attention the output is ``skip(x) + attention(x)``; both terms are
-    read with forward hooks (on ``stage.skip`` and ``stage.attention``) and compared per cell
-    over the whole ``(tokens, dim)`` matrix.
+    At every attention site with a residual (``site.update`` and ``site.skip``, e.g. scViT's
+    stages and scPerceiver's blocks) the output is ``skip(x) + update``; both terms are read
+    with forward hooks (on ``site.skip`` and ``site.update``) and compared per cell over the
+    whole ``(tokens, dim)`` matrix. Sites without a residual (cross-attention) are left out.
 
     Parameters
     ----------
@@ -407,7 +450,7 @@ def update_norms(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZE)
     Returns
     -------
     pandas.DataFrame
-        One row per stage with attention, in execution order: ``layer``, ``update_norm`` and
+        One row per residual attention site, in execution order: ``layer``, ``update_norm`` and
         ``skip_norm`` (mean over cells of the Frobenius norms), ``ratio`` (mean over cells of
         ``||update|| / ||skip||``), ``ratio_median``, ``cosine`` (mean over cells of the
         cosine similarity between update and skip; 0 is orthogonal, -1 cancels the skip).
@@ -424,11 +467,11 @@ def update_norms(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZE)
 
         return record
 
-    stages = _attention_stages(net)
+    sites = [site for site in attention_sites(net) if site.residual]
     with _Hooks() as hooks, torch.no_grad():
-        for name, stage in stages:
-            hooks.add(stage.attention, hook(name, "update"))
-            hooks.add(stage.skip, hook(name, "skip"))
+        for site in sites:
+            hooks.add(site.update, hook(site.name, "update"))
+            hooks.add(site.skip, hook(site.name, "skip"))
         device = _device(net)
         for sl in _slices(len(x), batch_size):
             seen.clear()
@@ -439,7 +482,7 @@ def update_norms(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZE)
                 cos = (u * s).sum(1) / (un * sn).clamp_min(1e-30)
                 per_cell.setdefault(name, []).append(torch.stack([un, sn, un / sn, cos]).cpu())
     rows = []
-    for name, _ in stages:
+    for name in (site.name for site in sites):
         un, sn, ratio, cos = torch.cat(per_cell[name], dim=1)  # each (cells,)
         rows.append(
             {
@@ -459,18 +502,19 @@ def update_norms(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZE)
 # --------------------------------------------------------------------------------------------
 
 
-def knocked_out(model: ScViT, mode: str, *, stages: Iterable[str] | None = None) -> ScViT:
+def knocked_out(model: nn.Module, mode: str, *, stages: Iterable[str] | None = None) -> nn.Module:
     """A copy of ``model`` whose attention is replaced at inference.
 
     The copy is in evaluation mode with the explicit attention path (``fused=False``) and
-    keeps forward hooks that implement the knock-out:
+    keeps forward hooks that implement the knock-out at each attention site
+    (:func:`attention_sites`):
 
-    * ``"uniform"``: the softmax module returns ``1/T`` everywhere, so every token receives
-      ``out_proj(mean over tokens of v)``;
-    * ``"identity"``: the softmax module returns the identity matrix, so token ``t`` receives
-      ``out_proj(v_t)`` (the value path alone);
-    * ``"zero"``: the attention module returns zeros, so the stage is ``skip(x)`` only, as in
-      a model built with ``attention=False``;
+    * ``"uniform"``: the site's softmax returns ``1/T`` everywhere (over its own dimension),
+      so every query receives the mean of the values (``out_proj`` of it in self-attention);
+    * ``"identity"``: the softmax returns the identity matrix, so token ``t`` receives its own
+      value (``out_proj(v_t)``, the value path alone); self-attention sites only;
+    * ``"zero"``: the site's update returns zeros, so the block is ``skip(x)`` only, as in a
+      scViT built with ``attention=False``; residual sites only (``site.update``);
     * ``"trained"``: no change.
 
     Parameters
@@ -480,48 +524,70 @@ def knocked_out(model: ScViT, mode: str, *, stages: Iterable[str] | None = None)
     mode
         One of :data:`KNOCKOUT_MODES`.
     stages
-        Stage names (``"encoder.0"``, ``"decoder.3"``, ...) to knock out; None: all.
+        Site names (``"encoder.0"``, ``"decoder.3"``, ...) to knock out; None: every site the
+        mode applies to (``identity``: the self-attention sites; ``zero``: the residual ones).
+        Naming a site the mode does not apply to is an error.
 
     Returns
     -------
-    ScViT
+    torch.nn.Module
         The modified copy.
     """
     if mode not in KNOCKOUT_MODES:
         raise ValueError(f"mode must be one of {KNOCKOUT_MODES}, got {mode!r}")
     net = _eval_copy(model, explicit=True)
-    available = dict(_attention_stages(net))
-    chosen = list(available) if stages is None else list(stages)
+    available = {site.name: site for site in attention_sites(net)}
+    eligible = [name for name, site in available.items() if _applies(mode, site)]
+    chosen = eligible if stages is None else list(stages)
     unknown = [s for s in chosen if s not in available]
     if unknown:
         raise ValueError(
             f"no attention in stage(s) {unknown}; stages with attention: {list(available)}"
         )
+    refused = [s for s in chosen if s not in eligible]
+    if refused:
+        why = {
+            "identity": "identity weights need self-attention (queries = keys)",
+            "zero": "a zero update needs a residual sum (site.update)",
+        }[mode]
+        raise ValueError(f"knock-out {mode!r} does not apply to {refused}: {why}")
     for name in chosen:
-        attention = available[name].attention
+        site = available[name]
         if mode == "uniform":
-            attention.softmax.register_forward_hook(_uniform_weights)
+            site.softmax.register_forward_hook(functools.partial(_uniform_weights, dim=site.dim))
         elif mode == "identity":
-            attention.softmax.register_forward_hook(_identity_weights)
+            site.softmax.register_forward_hook(functools.partial(_identity_weights, dim=site.dim))
         elif mode == "zero":
-            attention.register_forward_hook(_zero_update)
+            site.update.register_forward_hook(_zero_update)
     return net
 
 
-def _uniform_weights(module, inputs, w):
-    return torch.full_like(w, 1.0 / w.shape[-1])
+def _applies(mode: str, site: AttentionSite) -> bool:
+    """Whether knock-out ``mode`` is defined at ``site``."""
+    if mode == "identity":
+        return site.self_attention
+    if mode == "zero":
+        return site.update is not None
+    return True
 
 
-def _identity_weights(module, inputs, w):
-    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
-    return eye.expand_as(w)
+def _uniform_weights(module, inputs, w, *, dim: int = -1):
+    return torch.full_like(w, 1.0 / w.shape[dim])
+
+
+def _identity_weights(module, inputs, w, *, dim: int = -1):
+    moved = w.movedim(dim, -1)  # (..., queries, keys)
+    if moved.shape[-2] != moved.shape[-1]:
+        raise ValueError(f"identity weights need square attention, got {tuple(moved.shape)}")
+    eye = torch.eye(moved.shape[-1], dtype=w.dtype, device=w.device)
+    return eye.expand_as(moved).movedim(-1, dim)
 
 
 def _zero_update(module, inputs, update):
     return torch.zeros_like(update)
 
 
-def _encode(net: ScViT, x: torch.Tensor, rows: np.ndarray, batch_size: int) -> torch.Tensor:
+def _encode(net: nn.Module, x: torch.Tensor, rows: np.ndarray, batch_size: int) -> torch.Tensor:
     device = _device(net)
     out = []
     with torch.no_grad():
@@ -531,7 +597,7 @@ def _encode(net: ScViT, x: torch.Tensor, rows: np.ndarray, batch_size: int) -> t
 
 
 def _decode_nll(
-    net: ScViT, z: torch.Tensor, counts: torch.Tensor, library: torch.Tensor, batch_size: int
+    net: nn.Module, z: torch.Tensor, counts: torch.Tensor, library: torch.Tensor, batch_size: int
 ) -> np.ndarray:
     """Per-cell NLL ``(cells,)`` of ``counts`` under the decoding of latents ``z``."""
     device = _device(net)
@@ -539,14 +605,14 @@ def _decode_nll(
     with torch.no_grad():
         for sl in _slices(len(z), batch_size):
             zb = z[sl].to(device)
-            params = ScViTOutput(zb, *net.decode(zb, library=library[sl].to(device)))
+            params = AutoencoderOutput(zb, *net.decode(zb, library=library[sl].to(device)))
             loss = nll(params, counts[sl].to(device), likelihood=net.config.likelihood)
             out.append(loss.double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
 def attention_knockout(
-    model: ScViT,
+    model: nn.Module,
     x,
     counts,
     *,
@@ -562,14 +628,14 @@ def attention_knockout(
 ) -> pd.DataFrame:
     """Test NLL and latent classification with attention replaced at inference.
 
-    Each mode of :func:`knocked_out` is applied to every stage at once, and with
-    ``per_stage`` also to one stage at a time. The NLL is scored on the ``test`` cells of
-    ``split`` (all cells without ``split``) under the model's own likelihood
-    (:func:`scvit_core.likelihood.nll`). With ``labels`` and ``split``, the latent of the
-    train and test cells goes through :func:`scvit_core.evaluate.classifier_metrics`
-    (classifiers fitted on train, scored on test). A knock-out confined to the decoder leaves
-    the latent unchanged: its latent is not recomputed and its classification is the trained
-    model's.
+    Each mode of :func:`knocked_out` is applied to every site it applies to at once
+    (``"all"``), and with ``per_stage`` also to one such site at a time. The NLL is scored on
+    the ``test`` cells of ``split`` (all cells without ``split``) under the model's own
+    likelihood (:func:`scvit_core.likelihood.nll`). With ``labels`` and ``split``, the latent
+    of the train and test cells goes through :func:`scvit_core.evaluate.classifier_metrics`
+    (classifiers fitted on train, scored on test). A knock-out confined to the decoder (sites
+    named ``decoder.*``) leaves the latent unchanged: its latent is not recomputed and its
+    classification is the trained model's.
 
     Parameters
     ----------
@@ -586,7 +652,7 @@ def attention_knockout(
     labels, split
         ``(cells,)`` labels and ``"train"``/``"validation"``/``"test"`` values.
     per_stage
-        Also knock out each stage alone.
+        Also knock out each site alone (sites a mode does not apply to have no row).
     label_key, seed, mlp_epochs
         Passed to :func:`~scvit_core.evaluate.classifier_metrics`.
     batch_size
@@ -596,7 +662,7 @@ def attention_knockout(
     -------
     pandas.DataFrame
         One row per knock-out: ``mode``, ``stages`` (``"none"`` for the trained model,
-        ``"all"``, or one stage name), ``nll`` (mean per-cell NLL on the scored cells, summed
+        ``"all"``, or one site name), ``nll`` (mean per-cell NLL on the scored cells, summed
         over genes: scVI's units), ``nll_change`` (minus the trained model's; positive means
         the knock-out hurts), ``n_cells`` (cells scored), then, with labels, the columns
         ``{mlp,knn,logreg}_{accuracy,macro_f1}``.
@@ -619,13 +685,17 @@ def attention_knockout(
     else:
         encode_rows = test
     n_test = len(test)
-    decoder_stages = {s.name for s in model.decoder}
-    stage_names = [name for name, _ in _attention_stages(model)]
-    targets: list[tuple[str, list[str] | None]] = [("all", None)]
-    if per_stage:
-        targets += [(name, [name]) for name in stage_names]
+    sites = attention_sites(model)
+    # sites named decoder.* run after the latent: knocking them out leaves it unchanged
+    decoder_stages = {site.name for site in sites if site.name.startswith("decoder")}
 
-    def evaluate(net: ScViT, z: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+    def targets(mode: str) -> list[tuple[str, list[str] | None]]:
+        chosen: list[tuple[str, list[str] | None]] = [("all", None)]
+        if per_stage:
+            chosen += [(site.name, [site.name]) for site in sites if _applies(mode, site)]
+        return chosen
+
+    def evaluate(net: nn.Module, z: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
         if z is None:
             z = _encode(net, x, encode_rows, batch_size)
         z_test = z[len(z) - n_test :]
@@ -655,7 +725,7 @@ def attention_knockout(
     for mode in modes:
         if mode == "trained":
             continue
-        for label, chosen in targets:
+        for label, chosen in targets(mode):
             in_decoder = chosen is not None and set(chosen) <= decoder_stages
             net = knocked_out(model, mode, stages=chosen)
             if in_decoder:  # the latent is the trained model's
@@ -729,14 +799,14 @@ def _unit_grams(layers: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
-def _grams(model: ScViT, x, names, library, batch_size) -> dict[str, np.ndarray]:
+def _grams(model: nn.Module, x, names, library, batch_size) -> dict[str, np.ndarray]:
     layers = _collect(_eval_copy(model), x, names, library=library, batch_size=batch_size)
     return _unit_grams(layers)
 
 
 def cka_between(
-    model_a: ScViT,
-    model_b: ScViT,
+    model_a: nn.Module,
+    model_b: nn.Module,
     x,
     *,
     layers: Sequence[str] | None = None,
@@ -746,7 +816,7 @@ def cka_between(
     """Linear CKA between the same-named layers of two models on the same cells.
 
     For a full model against an ablated variant, or the same configuration across seeds.
-    Layer outputs come from :meth:`ScViT.forward_intermediates`, flattened per cell; Gram
+    Layer outputs come from the networks' ``forward_intermediates``, flattened per cell; Gram
     matrices are formed in float32 (relative error about ``1e-6``), normalised and compared
     in float64. Memory: the activations are held one model at a time, about
     ``cells x 175,000 x 4`` bytes for the default preset with all layers (0.7 GB per 1,000
@@ -760,7 +830,7 @@ def cka_between(
         Inputs ``(cells, genes)``.
     layers
         Layer names; default: those of both models, in ``model_a``'s execution order
-        (``latent`` stands for the last bottleneck layer, the same tensor).
+        (scViT's ``latent`` stands for the last bottleneck layer, the same tensor).
     library
         Total counts per cell (only the ``mean`` layer of ``library_scaling`` models uses it).
     batch_size
@@ -784,8 +854,8 @@ def cka_between(
 
 
 def cka_matrix(
-    model_a: ScViT,
-    model_b: ScViT,
+    model_a: nn.Module,
+    model_b: nn.Module,
     x,
     *,
     layers_a: Sequence[str] | None = None,
@@ -883,9 +953,13 @@ def _erank_across_cells(a: torch.Tensor) -> float:
     return float(_erank_from_singular_values(s))
 
 
-def effective_rank(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZE) -> pd.DataFrame:
-    """Effective rank (:func:`matrix_effective_rank`) of the stem's and every stage's output.
+def effective_rank(
+    model: nn.Module, x, *, library=None, batch_size: int = BATCH_SIZE
+) -> pd.DataFrame:
+    """Effective rank (:func:`matrix_effective_rank`) of every token layer and the latent.
 
+    The token layers are the network's ``token_layers()`` (scViT: the stem and every stage;
+    scPerceiver: the tokens after the cross-attention, every block, the decoder's tokens).
     Per cell: the ``(tokens, dim)`` matrix of the layer, as it is (not centred); how many
     independent directions one cell's tokens use. Across cells: the layer flattened per cell,
     centred over cells; how many directions the population of cells uses.
@@ -898,8 +972,8 @@ def effective_rank(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZ
     Returns
     -------
     pandas.DataFrame
-        One row per layer (``stem``, ``encoder.{i}``, ``latent``, ``decoder.{i}``, in
-        execution order): ``layer``, ``tokens``, ``dim``, ``per_cell`` (mean over cells),
+        One row per layer in execution order (scViT: ``stem``, ``encoder.{i}``, ``latent``,
+        ``decoder.{i}``): ``layer``, ``tokens``, ``dim``, ``per_cell`` (mean over cells),
         ``per_cell_max`` ``min(tokens, dim)``, ``across_cells``, ``across_cells_max``
         ``min(cells - 1, tokens x dim)``. ``latent`` has no tokens: its per-cell columns are
         NaN.
@@ -907,20 +981,26 @@ def effective_rank(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZ
     net = _eval_copy(model)
     x = _as_tensor(x)
     library = _library(library, len(x))
-    names = ["stem", *(s.name for s in net.encoder), "latent", *(s.name for s in net.decoder)]
+    wanted = {*net.token_layers(), "latent"}
     device = _device(net)
+    names: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
-    per_cell: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    flat: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    per_cell: dict[str, list[torch.Tensor]] = {}
+    flat: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for sl in _slices(len(x), batch_size):
             record = net.forward_intermediates(x[sl].to(device), library=library[sl].to(device))
+            if not names:  # execution order
+                names = [name for name in record if name in wanted]
+                missing = wanted.difference(names)
+                if missing:
+                    raise ValueError(f"forward_intermediates has no layer(s) {sorted(missing)}")
             for name in names:
                 out = record[name].float()
                 shapes[name] = tuple(out.shape[1:])
                 if out.ndim == 3:
-                    per_cell[name].append(matrix_effective_rank(out).cpu())
-                flat[name].append(out.flatten(1).cpu())
+                    per_cell.setdefault(name, []).append(matrix_effective_rank(out).cpu())
+                flat.setdefault(name, []).append(out.flatten(1).cpu())
     rows = []
     for name in names:
         a = torch.cat(flat.pop(name))
@@ -946,6 +1026,15 @@ def effective_rank(model: ScViT, x, *, library=None, batch_size: int = BATCH_SIZ
 # --------------------------------------------------------------------------------------------
 # 6. what the conv stem spans
 # --------------------------------------------------------------------------------------------
+
+
+def _require_scvit_stem(model: nn.Module, what: str) -> None:
+    """scViT's stem functions read ``model.stem`` and ``model.patchify``: refuse other nets."""
+    if not (callable(getattr(model, "patchify", None)) and hasattr(model, "stem")):
+        raise TypeError(
+            f"{what} reads scViT's stem (model.stem, model.patchify); "
+            f"{type(model).__name__} has none"
+        )
 
 
 def _stem_tokens(net: ScViT, x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -978,6 +1067,7 @@ def token_similarity(
     pandas.DataFrame
         ``(tokens, tokens)``, index and columns the token numbers.
     """
+    _require_scvit_stem(model, "token_similarity")
     net = _eval_copy(model)
     x = _as_tensor(x)
     total = 0
@@ -1046,6 +1136,7 @@ def stem_span(
         ``mean_abs_cosine`` and ``mean_abs_correlation`` (tokens row only). The spectra
         behind the shares: :func:`stem_spectra`.
     """
+    _require_scvit_stem(model, "stem_span")
     rows, _ = _stem_analysis(_eval_copy(model), _as_tensor(x), top_k, batch_size)
     return pd.DataFrame(rows)
 
@@ -1061,6 +1152,7 @@ def stem_spectra(model: ScViT, x, *, batch_size: int = BATCH_SIZE) -> pd.DataFra
         squared singular values; for ``tokens`` the mean over cells of each principal
         component's share of the variance across tokens).
     """
+    _require_scvit_stem(model, "stem_spectra")
     _, spectra = _stem_analysis(_eval_copy(model), _as_tensor(x), (), batch_size)
     frames = []
     for part, (values, share) in spectra.items():
@@ -1160,6 +1252,11 @@ def decoder_gene_tokens(model: ScViT) -> pd.DataFrame:
         stem every token reads every gene, so no token "contains" it) and ``from_block_token``
         (all three parameters come from ``block_token``).
     """
+    if not callable(getattr(model, "split_head", None)):
+        raise TypeError(
+            f"decoder_gene_tokens reads scViT's output head (model.split_head); "
+            f"{type(model).__name__} has none"
+        )
     c, three_l = model.config.n_tokens, 3 * model.config.head_length
     positions = torch.arange(c * three_l).reshape(1, c, three_l)  # (1, C, 3L)
     parts = [p.reshape(-1).numpy() for p in model.split_head(positions)]  # 3 x (genes,)
@@ -1239,7 +1336,7 @@ def _pca_scores(train: np.ndarray, test: np.ndarray, k: int) -> tuple[np.ndarray
 
 
 def layer_probes(
-    model: ScViT,
+    model: nn.Module,
     x,
     labels,
     split,
@@ -1275,8 +1372,9 @@ def layer_probes(
     library
         Total counts per cell (only the ``mean`` layer of ``library_scaling`` models uses it).
     layers
-        Layer names (default: all of :meth:`ScViT.forward_intermediates`, ``latent`` standing
-        for the last bottleneck layer); ``"input"`` is always probed first.
+        Layer names (default: all of the network's ``forward_intermediates``, each tensor
+        once: scViT's ``latent`` stands for the last bottleneck layer); ``"input"`` is always
+        probed first.
     batch_size
         Cells per forward pass.
 
@@ -1325,7 +1423,7 @@ def layer_probes(
 
 
 def likelihood_beyond_null(
-    model: ScViT, x, counts, split, *, library=None, batch_size: int = BATCH_SIZE
+    model: nn.Module, x, counts, split, *, library=None, batch_size: int = BATCH_SIZE
 ) -> pd.DataFrame:
     """Test NLL of the model against the per-gene negative-binomial null models.
 

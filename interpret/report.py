@@ -1,4 +1,4 @@
-"""One call, one report: :func:`diagnose` runs every diagnostic of a trained scViT.
+"""One call, one report: :func:`diagnose` runs every diagnostic of a trained network.
 
 The report answers, for one model on its test cells, the questions of issue 5 in a fixed
 order: does attention attend to anything (entropy), does its update matter next to the
@@ -8,6 +8,10 @@ produces each gene's parameters, where is cell type linearly readable before and
 training (layer probes, against the same network untrained), and how much of the count
 likelihood the model explains beyond per-gene null models. Each answer is a tidy table;
 :meth:`Diagnosis.figures` draws them with seaborn and :meth:`Diagnosis.save` writes both.
+
+Any network with the interface of :class:`~scvit_core.model.Interpretable` is diagnosed
+(scViT, scPerceiver); the conv-stem tables need scViT's conv stem and the gene-token table its
+output head, and are left out for other networks.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from scvit_core import _constants as K
 from . import diagnostics as D
 from .attribution import LatentTarget, MeanTarget, attribute, prepare
 
-__all__ = ["Diagnosis", "branch_shares", "diagnose", "diagnose_run"]
+__all__ = ["Diagnosis", "branch_shares", "diagnose", "diagnose_run", "untrained_like"]
 
 
 @dataclass
@@ -44,9 +48,9 @@ class Diagnosis:
     tables
         Name -> tidy DataFrame: ``entropy``, ``update_norms``, ``branches`` (attribution
         through attention versus the skip path), ``sanity`` (the attribution methods' own
-        checks), ``knockout``, ``effective_rank``, ``stem`` (absent without a conv stem),
-        ``token_similarity``, ``gene_tokens``, ``probes`` (trained and untrained),
-        ``beyond_null``.
+        checks), ``knockout``, ``effective_rank``, ``stem`` and ``token_similarity`` (absent
+        without scViT's conv stem), ``gene_tokens`` (absent without scViT's output head),
+        ``probes`` (trained and untrained), ``beyond_null``.
     seconds
         Wall time of each step.
     description
@@ -171,11 +175,12 @@ def branch_shares(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """How much of each stage's output relevance flows through attention versus the skip path.
 
-    At every residual sum ``skip + attention(skip)`` the two inputs' DeepLIFT attributions add
-    up to the sum's (exactly, on the attribution-safe path), so their shares of the absolute
-    attribution say which branch carries the explained output. Encoder stages explain the
-    ``latent_dims`` latent dimensions of largest variance over ``x``; decoder stages the decoded
-    mean of the ``genes`` genes of largest mean input.
+    At every residual sum ``skip + attention(skip)`` (the attention sites with an update and a
+    skip branch) the two inputs' DeepLIFT attributions add up to the sum's (exactly, on the
+    attribution-safe path), so their shares of the absolute attribution say which branch
+    carries the explained output. Encoder stages explain the ``latent_dims`` latent dimensions
+    of largest variance over ``x``; decoder stages (sites named ``decoder.*``) the decoded mean
+    of the ``genes`` genes of largest mean input.
 
     Returns
     -------
@@ -183,7 +188,7 @@ def branch_shares(
         ``branches``: one row per stage with ``attention_share`` (mean over targets),
         ``attention_abs``, ``skip_abs``; ``sanity``: the convergence delta of every call.
     """
-    stages = D.attention_layers(net)
+    stages = [site.name for site in D.attention_sites(net) if site.residual]
     if not stages:
         return pd.DataFrame(), pd.DataFrame()
     with torch.no_grad():
@@ -258,20 +263,22 @@ def diagnose(
     seed: int = 0,
     progress: bool = True,
 ) -> Diagnosis:
-    """Every diagnostic of issue 5 for one trained scViT, as one report.
+    """Every diagnostic of issue 5 for one trained network, as one report.
 
     Parameters
     ----------
     model
-        A trained :class:`~scvit_core.api.ScViTModel`.
+        A trained API model: :class:`~scvit_core.api.ScViTModel`, the scPerceiver's, or any
+        object with ``model`` (the network), ``adata``, ``config`` and
+        ``train_config.input_transform``.
     adata
         Cells with raw counts, ``obs[label_key]`` and ``obs["split"]`` (default: the model's
         own AnnData); not modified. Test cells are scored, training cells fit the probes and
         the null models.
     untrained
         The same network untrained, for the layer probes' "untrained" rows (default: built from
-        the model's configuration with its seed, :func:`scvit_core.baselines.untrained_scvit`).
-        Pass ``False`` to skip.
+        the model's configuration with its seed, :func:`untrained_like`). Pass ``False`` to
+        skip.
     max_cells
         A label-stratified subsample of this many cells is diagnosed.
     attribution_cells
@@ -299,14 +306,7 @@ def diagnose(
     rng = np.random.default_rng(seed)
     explained = np.sort(rng.choice(test, min(attribution_cells, test.size), replace=False))
     if untrained is None:
-        from scvit_core.baselines import untrained_scvit
-
-        untrained = untrained_scvit(
-            model.adata,
-            model.config,
-            seed=seed,
-            input_transform=model.train_config.input_transform,
-        )
+        untrained = untrained_like(model, seed=seed)
     steps: dict[str, Callable[[], dict[str, pd.DataFrame]]] = {
         "entropy": lambda: {"entropy": D.attention_entropy(net, x, library=lib)},
         "update_norms": lambda: {"update_norms": D.update_norms(net, x, library=lib)},
@@ -328,23 +328,23 @@ def diagnose(
             )
         },
         "effective_rank": lambda: {"effective_rank": D.effective_rank(net, x, library=lib)},
-        "stem": lambda: (
-            {
-                "stem": D.stem_span(net, x),
-                "token_similarity": D.token_similarity(net, x),
-            }
-            if net.config.conv_stem
-            else {}
-        ),
+        "stem": lambda: {
+            "stem": D.stem_span(net, x),
+            "token_similarity": D.token_similarity(net, x),
+        },
         "gene_tokens": lambda: {"gene_tokens": D.gene_token_summary(D.decoder_gene_tokens(net))},
         "probes": lambda: {"probes": _probes(net, untrained, inp, seed)},
         "beyond_null": lambda: {
             "beyond_null": D.likelihood_beyond_null(net, x, inp.counts, inp.split, library=lib)
         },
     }
-    if not net.config.attention:
+    if not net.config.attention:  # scPerceiver's constant mixing weights are no attention
         for name in ("entropy", "update_norms", "branches", "knockout"):
             steps.pop(name)
+    if not (getattr(net.config, "conv_stem", False) and hasattr(net, "stem")):
+        steps.pop("stem")  # scViT's conv stem only
+    if not callable(getattr(net, "split_head", None)):
+        steps.pop("gene_tokens")  # scViT's output head only
     tables, seconds = {}, {}
     bar = tqdm(steps.items(), desc="diagnose", disable=not progress)
     for name, step in bar:
@@ -352,17 +352,41 @@ def diagnose(
         start = time.perf_counter()
         tables.update(step())
         seconds[name] = time.perf_counter() - start
+    config = net.config
     description = {
-        "likelihood": net.config.likelihood,
-        "attention": net.config.attention,
-        "conv_stem": net.config.conv_stem,
-        "patchwise": net.config.patchwise,
+        "network": type(net).__name__,
+        "likelihood": config.likelihood,
+        "attention": config.attention,
+        # the switches each architecture has (scViT: stem, patch-wise; scPerceiver: tokens...)
+        **{
+            key: getattr(config, key)
+            for key in ("conv_stem", "patchwise", "tokens", "library_scaling", "variational")
+            if hasattr(config, key)
+        },
         "cells": int(x.shape[0]),
         "test_cells": int(test.size),
         "attribution_cells": int(explained.size),
         "seed": seed,
     }
     return Diagnosis(tables, seconds, description)
+
+
+def untrained_like(model, *, seed: int = 0):
+    """The API model's network with its initial (random) weights, for the untrained probes.
+
+    Built as the trained model was, from its AnnData, configuration and input transform with
+    ``seed``: :func:`scvit_core.baselines.untrained_scvit` for a
+    :class:`~scvit_core.api.ScViTModel`, ``type(model)(adata, config, seed=,
+    input_transform=)`` for any other API class.
+    """
+    from scvit_core.api import ScViTModel
+
+    kwargs = dict(seed=seed, input_transform=model.train_config.input_transform)
+    if isinstance(model, ScViTModel):
+        from scvit_core.baselines import untrained_scvit
+
+        return untrained_scvit(model.adata, model.config, **kwargs)
+    return type(model)(model.adata, model.config, **kwargs)
 
 
 def _probes(net, untrained, inp: D.DiagnosticInputs, seed: int) -> pd.DataFrame:
@@ -386,12 +410,14 @@ def _probes(net, untrained, inp: D.DiagnosticInputs, seed: int) -> pd.DataFrame:
 
 
 def diagnose_run(result, *, force: bool = False, progress: bool = True, **kwargs) -> Diagnosis:
-    """:func:`diagnose` of an experiment runner's scViT run, cached beside the run.
+    """:func:`diagnose` of an experiment runner's run, cached beside the run.
 
     Parameters
     ----------
     result
-        A :class:`~scvit_core.experiments.ExperimentResult` of a ``scvit`` run.
+        A :class:`~scvit_core.experiments.ExperimentResult` of a run whose
+        ``load_model()`` gives a trained API model (an scViT run, or any network
+        :func:`diagnose` takes).
     force
         Recompute even if ``<run>/diagnosis/`` holds a report.
     **kwargs

@@ -34,14 +34,18 @@ gradients. Forward values equal the original modules' within float32 rounding in
 :func:`attribution_safe` builds the copy (the user's model is never modified); :func:`probe`
 returns an identity :class:`Probe` module run on a layer's output, so shap (which attributes
 to a module's *input*) and Captum's layer methods (a module's *output*) attribute the same
-tensor. :func:`layer_names` lists the names a model understands: for scViT those of
-:meth:`~scvit_core.model.ScViT.forward_intermediates` plus ``{stage}.skip`` and
-``{stage}.residual`` (the residual sum ``skip + attention``); for any other model the dotted
-paths of its submodules.
+tensor. :func:`layer_names` lists the names a model understands: for a model holding one
+network with a ``layer_paths()`` method (scViT, scPerceiver, see
+:class:`~scvit_core.model.Interpretable`) its names, e.g. those of ``forward_intermediates``
+plus ``{stage}.skip``, ``{stage}.attention`` and ``{stage}.residual`` (the residual sum
+``skip + attention``); for any other model the dotted paths of its submodules.
 
 Assumptions: the batch is the first dimension of every tensor entering a rule module (true of
-scViT, scVI's encoder and the report's MLP). ``nn.MultiheadAttention`` is refused: its softmax
-and products are functional calls that no module swap can reach.
+scViT, scPerceiver, scVI's encoder and the report's MLP); a factor shared by the whole batch
+(batch dimension 1, or a parameter expanded to the batch) is allowed. Products with
+parameter-only tensors written as plain ``*`` / ``@`` (scPerceiver's gene embeddings) are
+linear in the cell, so their plain gradients are exact. ``nn.MultiheadAttention`` is refused:
+its softmax and products are functional calls that no module swap can reach.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from torch import nn
 
 from scvit_core import likelihood as L
 from scvit_core.likelihood import OutputActivations
-from scvit_core.model import Attention, ScViT
+from scvit_core.model import Attention, MatMul, Mul
 
 MODES = ("gradient", "deeplift")
 
@@ -383,29 +387,32 @@ class SafeOutputActivations(RuleModule):
 
     Each output is one :class:`Rescale` composite (a clamp of a ReLU or softplus, the legacy
     head's ``1 / clamp(softplus)``); the library-scaled mean is
-    ``clamp(SafeSoftmax(a) * library)`` with the product as a :class:`Product`.
+    ``clamp(SafeSoftmax(a) * library)`` with the product as a :class:`Product`, and the clamp
+    bounds of the likelihood (the legacy ones for ``legacy`` with ``library_scaling``, the
+    scPerceiver's ablation).
     """
 
     def __init__(self, likelihood: str, *, library_scaling: bool = False) -> None:
         super().__init__()
         self.likelihood, self.library_scaling = likelihood, library_scaling
         part = functools.partial
-        if likelihood == "legacy":
-            lo, hi = L.LEGACY_MEAN_MIN, L.LEGACY_MEAN_MAX
-            self.mean_act = Rescale(part(_relu_clamp, lo=lo, hi=hi), "clamp(relu)")
-            lo, hi = L.LEGACY_DISPERSION_MIN, L.LEGACY_DISPERSION_MAX
-            self.theta_act = Rescale(part(_inverse_softplus_clamp, lo=lo, hi=hi), "1/clamp(sp)")
-            self.gate_act = Rescale(F.logsigmoid, "logsigmoid")
-            return
+        legacy = likelihood == "legacy"
+        lo, hi = (L.LEGACY_MEAN_MIN, L.LEGACY_MEAN_MAX) if legacy else (L.MEAN_MIN, L.MEAN_MAX)
         if library_scaling:
             self.softmax = SafeSoftmax(-1)
             self.library_product = Product()
-            self.mean_act = Rescale(part(_clamp, lo=L.MEAN_MIN, hi=L.MEAN_MAX), "clamp")
+            self.mean_act = Rescale(part(_clamp, lo=lo, hi=hi), "clamp")
+        elif legacy:
+            self.mean_act = Rescale(part(_relu_clamp, lo=lo, hi=hi), "clamp(relu)")
         else:
-            fn = part(_softplus_clamp, lo=L.MEAN_MIN, hi=L.MEAN_MAX)
-            self.mean_act = Rescale(fn, "clamp(softplus)")
-        fn = part(_softplus_clamp, lo=L.THETA_MIN, hi=L.THETA_MAX)
-        self.theta_act = Rescale(fn, "clamp(softplus)")
+            self.mean_act = Rescale(part(_softplus_clamp, lo=lo, hi=hi), "clamp(softplus)")
+        if legacy:
+            lo, hi = L.LEGACY_DISPERSION_MIN, L.LEGACY_DISPERSION_MAX
+            self.theta_act = Rescale(part(_inverse_softplus_clamp, lo=lo, hi=hi), "1/clamp(sp)")
+            self.gate_act = Rescale(F.logsigmoid, "logsigmoid")
+        else:
+            fn = part(_softplus_clamp, lo=L.THETA_MIN, hi=L.THETA_MAX)
+            self.theta_act = Rescale(fn, "clamp(softplus)")
 
     def forward(
         self,
@@ -415,8 +422,6 @@ class SafeOutputActivations(RuleModule):
         library: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Return ``(mean, theta, gate_logits)``, each ``(cells, genes)``."""
-        if self.likelihood == "legacy":
-            return self.mean_act(mean_raw), self.theta_act(theta_raw), self.gate_act(gate_raw)
         if self.library_scaling:
             if library is None:
                 raise ValueError("library_scaling needs each cell's library size")
@@ -425,6 +430,8 @@ class SafeOutputActivations(RuleModule):
         else:
             mean = self.mean_act(mean_raw)
         theta = self.theta_act(theta_raw)
+        if self.likelihood == "legacy":
+            return mean, theta, self.gate_act(gate_raw)
         return mean, theta, (None if self.likelihood == "nb" else gate_raw)
 
 
@@ -513,6 +520,10 @@ def _safe_replacement(m: nn.Module) -> nn.Module | None:
         return SafeLogSoftmax(-1 if m.dim is None else m.dim)
     if type(m) is nn.LayerNorm:
         return SafeLayerNorm.from_layer_norm(m)
+    if type(m) is Mul:  # a product of two cell-dependent tensors
+        return Product()
+    if type(m) is MatMul:
+        return ProductMatMul()
     if type(m) is OutputActivations:
         return SafeOutputActivations(m.likelihood, library_scaling=m.library_scaling)
     return None
@@ -521,10 +532,7 @@ def _safe_replacement(m: nn.Module) -> nn.Module | None:
 def _swap_modules(module: nn.Module) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, Attention):
-            child.fused = False
-            child.qk, child.av = ProductMatMul(), ProductMatMul()
-            child.softmax = SafeSoftmax(-1)
-            continue  # its linear maps need nothing
+            child.fused = False  # its qk/av products and softmax are then swapped below
         replacement = _safe_replacement(child)
         if replacement is None:
             _swap_modules(child)
@@ -544,12 +552,14 @@ def attribution_safe(model: nn.Module) -> nn.Module:
     Returns
     -------
     torch.nn.Module
-        The copy, with scViT's attention unfused and its ``qk``/``av`` products and softmax
-        replaced by :class:`ProductMatMul` and :class:`SafeSoftmax`; every ``nn.LayerNorm`` a
+        The copy, with every :class:`~scvit_core.model.Attention` unfused; every
+        :class:`~scvit_core.model.MatMul` / :class:`~scvit_core.model.Mul` (attention's
+        ``qk``/``av`` products, scPerceiver's products of two cell-dependent tensors) a
+        :class:`ProductMatMul` / :class:`Product`; every ``nn.LayerNorm`` a
         :class:`SafeLayerNorm`; every element-wise activation module a :class:`Rescale`; every
-        ``nn.Softmax``/``nn.LogSoftmax`` a :class:`SafeSoftmax`/:class:`SafeLogSoftmax`; scViT's
-        output activations a :class:`SafeOutputActivations`. Numerically the same function.
-        Layers are reached with :func:`probe`.
+        ``nn.Softmax``/``nn.LogSoftmax`` a :class:`SafeSoftmax`/:class:`SafeLogSoftmax` over
+        the same dimension; the output activations a :class:`SafeOutputActivations`.
+        Numerically the same function. Layers are reached with :func:`probe`.
 
     Notes
     -----
@@ -617,52 +627,35 @@ class Probe(nn.Identity):
         return repr(self.layer)
 
 
-def _find_scvit(model: nn.Module) -> tuple[str, ScViT] | None:
-    found = [(path, m) for path, m in model.named_modules() if isinstance(m, ScViT)]
+def _find_network(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(path, module)`` of the one submodule with a ``layer_paths()`` method (the network
+    inside a target wrapper, or the model itself), or None if there is not exactly one."""
+    found = [
+        (path, m) for path, m in model.named_modules() if callable(getattr(m, "layer_paths", None))
+    ]
     return found[0] if len(found) == 1 else None
 
 
-def _scvit_layer_paths(vit: ScViT) -> dict[str, str]:
-    """scViT's layer names (``forward_intermediates`` plus skip/residual) -> module paths."""
-    paths = {"stem": "stem"}
-    for i, stage in enumerate(vit.encoder):
-        paths[f"{stage.name}.linear"] = f"encoder.{i}.linear"
-        if stage.attention is not None:
-            paths[f"{stage.name}.skip"] = f"encoder.{i}.skip"
-            paths[f"{stage.name}.attention"] = f"encoder.{i}.attention"
-            paths[f"{stage.name}.residual"] = f"encoder.{i}.drop_attn"
-        paths[stage.name] = f"encoder.{i}"
-    for j in range(len(vit.bottleneck)):
-        paths[f"bottleneck.{j}"] = f"bottleneck.{j}"
-    for j in range(len(vit.decoder_dense)):
-        paths[f"decoder.dense.{j}"] = f"decoder_dense.{j}"
-    for k, stage in enumerate(vit.decoder):  # stored from the last encoder stage's mirror
-        if stage.attention is not None:
-            paths[f"{stage.name}.skip"] = f"decoder.{k}.skip"
-            paths[f"{stage.name}.attention"] = f"decoder.{k}.attention"
-            paths[f"{stage.name}.residual"] = f"decoder.{k}.drop_attn"
-        paths[stage.name] = f"decoder.{k}"
-    paths["head"] = "head"
-    return paths
-
-
 def _layer_paths(model: nn.Module) -> dict[str, str]:
-    found = _find_scvit(model)
+    found = _find_network(model)
     if found is not None:
         prefix = f"{found[0]}." if found[0] else ""
-        return {name: prefix + path for name, path in _scvit_layer_paths(found[1]).items()}
+        return {name: prefix + path for name, path in found[1].layer_paths().items()}
     containers = (nn.ModuleList, nn.ModuleDict)
     return {p: p for p, m in model.named_modules() if p and not isinstance(m, containers)}
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Names of the layers whose outputs can be attributed, in execution order for scViT.
+    """Names of the layers whose outputs can be attributed, in execution order for a network.
 
-    For a model containing one :class:`~scvit_core.model.ScViT` (the model itself or a target
-    wrapping it): ``stem``, ``encoder.{i}.linear``, ``encoder.{i}.skip``,
-    ``encoder.{i}.attention``, ``encoder.{i}.residual`` (``skip + attention``, before the
-    stage's activation), ``encoder.{i}``, ``bottleneck.{j}``, ``decoder.dense.{j}``,
-    ``decoder.{i}.*`` likewise, ``head``. Otherwise the dotted paths of the submodules.
+    For a model containing one network with ``layer_paths()`` (the model itself or a target
+    wrapping it), that method's names. scViT (:meth:`~scvit_core.model.ScViT.layer_paths`):
+    ``stem``, ``encoder.{i}.linear``, ``encoder.{i}.skip``, ``encoder.{i}.attention``,
+    ``encoder.{i}.residual`` (``skip + attention``, before the stage's activation),
+    ``encoder.{i}``, ``bottleneck.{j}``, ``decoder.dense.{j}``, ``decoder.{i}.*`` likewise,
+    ``head``. scPerceiver (:meth:`~scvit_core.perceiver.ScPerceiver.layer_paths`): ``tokens``,
+    ``{block}.skip``, ``{block}.attention``, ``{block}``, ``encoder_norm``, ``posterior`` (or
+    ``latent``), ``decoder.tokens``. Otherwise the dotted paths of the submodules.
     """
     return list(_layer_paths(model))
 
@@ -693,12 +686,15 @@ def probe(model: nn.Module, layer: str) -> Probe:
 
 def branch_complement(model: nn.Module, layer: str) -> str | None:
     """The other branch of a residual sum: ``{stage}.skip`` for ``{stage}.attention`` and vice
-    versa (scViT); None for every other layer (a cut through the network)."""
-    if _find_scvit(model) is None:
+    versa (a network with ``layer_paths()`` naming both); None for every other layer (a cut
+    through the network)."""
+    if _find_network(model) is None:
         return None
     stem, _, branch = layer.rpartition(".")
     other = {"attention": "skip", "skip": "attention"}.get(branch)
-    return None if other is None or not stem else f"{stem}.{other}"
+    if other is None or not stem or f"{stem}.{other}" not in _layer_paths(model):
+        return None
+    return f"{stem}.{other}"
 
 
 def count_rule_modules(model: nn.Module) -> dict[str, int]:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scvit_core.likelihood import OutputActivations, nll
-from scvit_core.model import Attention, AutoencoderOutput, MatMul, Mul, MatmulConv1d
+from scvit_core.model import Attention, AutoencoderOutput, MatMul, MatmulConv1d, Mul
 
 LIKELIHOODS = ("nb", "corrected", "legacy")
 TOKENS = ("genes", "conv")
@@ -212,6 +212,7 @@ class Block(nn.Module):
             self.attention = MixingAttention(d, config.heads, (config.heads, m, m))
         self.skip = nn.Identity()  # the residual branch, so attributions can split the paths
         self.drop_attn = nn.Dropout(config.dropout)
+        self.residual = nn.Identity()  # skip + attention, before the MLP
         self.norm_mlp = _norm(config, m)
         self.mlp = nn.Sequential(
             nn.Linear(d, config.mlp_ratio * d), nn.GELU(), nn.Linear(config.mlp_ratio * d, d)
@@ -221,7 +222,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         update = self.attention(self.norm_attn(x))  # (B, m, d)
         _save(record, f"{self.name}.attention", update)
-        x = self.skip(x) + self.drop_attn(update)
+        x = self.residual(self.skip(x) + self.drop_attn(update))
         x = x + self.drop_mlp(self.mlp(self.norm_mlp(x)))
         _save(record, self.name, x)
         return x
@@ -252,7 +253,7 @@ class GeneEncoder(nn.Module):
     One head. With ``W_k, W_v`` the key and value maps, ``k_cg = v_cg (E W_k)_g + (F W_k)_g``
     (and likewise for values), so for query ``i``::
 
-        score_cig = v_cg * a_ig + b_ig          a = q (E W_k)^T / sqrt(d),  b = q (F W_k)^T / sqrt(d)
+        score_cig = v_cg * a_ig + b_ig        a = q (E W_k)^T / sqrt(d), b = q (F W_k)^T / sqrt(d)
         out_ci    = sum_g w_cig v_cg (E W_v)_g + sum_g w_cig (F W_v)_g,   w = softmax_g(score)
 
     ``a``, ``b`` and the two value tables depend on the parameters only: computed once per
@@ -400,11 +401,15 @@ class ScPerceiver(nn.Module):
         self.config = config
         d, m = config.dim, config.n_tokens
         self.tokenizer = GeneEncoder(config) if config.tokens == "genes" else ConvEncoder(config)
-        self.encoder = nn.ModuleList(Block(config, f"encoder.{i}") for i in range(config.encoder_blocks))
+        self.encoder = nn.ModuleList(
+            Block(config, f"encoder.{i}") for i in range(config.encoder_blocks)
+        )
         self.encoder_norm = nn.LayerNorm(m * d)
         self.to_latent = nn.Linear(m * d, config.n_latent * (2 if config.variational else 1))
         self.from_latent = nn.Linear(config.n_latent, m * d)
-        self.decoder = nn.ModuleList(Block(config, f"decoder.{i}") for i in range(config.decoder_blocks))
+        self.decoder = nn.ModuleList(
+            Block(config, f"decoder.{i}") for i in range(config.decoder_blocks)
+        )
         zero_inflated = config.likelihood != "nb"
         self.readout = GeneReadout(config, 2 if zero_inflated else 1)
         self.log_theta = nn.Parameter(torch.zeros(config.n_genes))  # gene-wise, as scVI's px_r

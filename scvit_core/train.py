@@ -31,9 +31,9 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from torch import nn
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 from torch.utils.data import DataLoader
 
 from scvit_core.architectures import AnyConfig, build_network, config_from_dict

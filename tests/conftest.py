@@ -33,3 +33,47 @@ def data_dir() -> Path:
     if not value or not Path(value).is_dir():
         pytest.skip("no data directory: set SCVIT_DATA_DIR (the Makefile uses ../shared/data)")
     return Path(value)
+
+
+PERCEIVER_GENES = 48
+
+
+def small_perceiver(seed: int = 0, *, sharp: bool = True, **overrides):
+    """A tiny randomly initialised scPerceiver (48 genes, 4 tokens of width 16, one block each
+    side), in evaluation mode.
+
+    ``sharp`` scales up the gene embeddings, the query/key maps and (``attention=False``) draws
+    the constant mixing logits at random, so that attention weights are far from uniform and
+    the outputs depend clearly on the cell: the default initialisation (embeddings of scale
+    0.02) gives near-uniform attention and outputs that barely move between cells.
+    """
+    import torch
+
+    from scvit_core.perceiver import PerceiverConfig, ScPerceiver
+
+    base = dict(dim=16, n_tokens=4, heads=2, encoder_blocks=1, decoder_blocks=1)
+    if overrides.get("tokens") == "conv":
+        base.update(patch_size=8, conv_channels=4)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    net = ScPerceiver(PerceiverConfig.for_genes(PERCEIVER_GENES, **base))
+    if sharp:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                owner, _, leaf = name.rpartition(".")
+                if leaf in ("expression", "identity", "gene_queries", "queries"):
+                    p.mul_(50)
+                elif owner.rpartition(".")[2] in ("q", "k") and leaf == "weight":
+                    p.mul_(4)
+                elif leaf == "in_proj_weight":
+                    p[: 2 * p.shape[1]].mul_(4)  # queries and keys of self-attention
+                elif leaf == "logits":
+                    p.copy_(2 * torch.randn(p.shape, generator=generator))
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def make_perceiver():
+    """:func:`small_perceiver`, for tests that build scPerceivers."""
+    return small_perceiver

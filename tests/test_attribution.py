@@ -42,10 +42,10 @@ N_GENES = 256
 BACKGROUND_METHODS = ("deepshap", "deepliftshap")
 
 
-def log_counts(n: int, *, seed: int) -> torch.Tensor:
-    """``log1p`` of sparse Poisson-gamma counts ``(n, N_GENES)``, like the model's inputs."""
+def log_counts(n: int, *, seed: int, n_genes: int = N_GENES) -> torch.Tensor:
+    """``log1p`` of sparse Poisson-gamma counts ``(n, n_genes)``, like the model's inputs."""
     rng = np.random.default_rng(seed)
-    rates = rng.gamma(0.3, 4.0, size=(n, N_GENES))
+    rates = rng.gamma(0.3, 4.0, size=(n, n_genes))
     return torch.as_tensor(np.log1p(rng.poisson(rates)), dtype=torch.float32)
 
 
@@ -101,11 +101,42 @@ SWITCHES = [
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(map(str, s.values())))
 def test_safe_copy_equals_fast_path(switches):
     torch.manual_seed(0)
-    model = ScViT(ScViTConfig.small(N_GENES, **switches)).eval()
+    assert_safe_copy_equals_fast_path(ScViT(ScViTConfig.small(N_GENES, **switches)).eval())
+
+
+PERCEIVER_SWITCHES = [
+    dict(likelihood=likelihood, tokens=tokens, attention=attention)
+    for likelihood in ("nb", "corrected", "legacy")
+    for tokens in ("genes", "conv")
+    for attention in (True, False)
+] + [
+    dict(likelihood="corrected", library_scaling=False),
+    dict(likelihood="legacy", library_scaling=False),
+    dict(norm="batch", variational=False),
+]
+
+
+@pytest.mark.parametrize(
+    "switches", PERCEIVER_SWITCHES, ids=lambda s: "-".join(map(str, s.values()))
+)
+def test_perceiver_safe_copy_equals_fast_path(switches, make_perceiver):
+    model = make_perceiver(**switches)
+    safe = assert_safe_copy_equals_fast_path(model)
+    # every nonlinearity and product of two cell-dependent tensors has its rule module
+    left = {type(m).__name__ for m in safe.modules()} & {"Softmax", "Mul", "MatMul", "GELU"}
+    assert not left
+    readout = safe.readout.mixing.softmax
+    assert isinstance(readout, SafeSoftmax) and readout.dim == 1  # over the m tokens
+    assert all(isinstance(m, Product) for m in safe.readout.weigh)
+
+
+def assert_safe_copy_equals_fast_path(model: nn.Module) -> nn.Module:
+    """The safe copy (with a probe on every layer) computes what ``model`` does; returns it."""
     safe = attribution_safe(model)
     for name in layer_names(safe):  # probes must not change anything either
         probe(safe, name)
-    x, library = log_counts(5, seed=3), torch.linspace(500.0, 5000.0, 5)
+    x = log_counts(5, seed=3, n_genes=model.config.n_genes)
+    library = torch.linspace(500.0, 5000.0, 5)
     with torch.no_grad():
         fast_layers = model.forward_intermediates(x, library=library)
         safe_layers = safe.forward_intermediates(x, library=library)
@@ -123,6 +154,7 @@ def test_safe_copy_equals_fast_path(switches):
     assert all(m.fused for m in model.modules() if isinstance(m, Attention))
     assert any(type(m) is nn.LayerNorm for m in model.modules())
     assert not any(type(m) is nn.LayerNorm for m in safe.modules())
+    return safe
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,13 +180,14 @@ def completeness_gap(module: nn.Module, *pairs: tuple[torch.Tensor, torch.Tensor
     "module, shapes",
     [
         (SafeSoftmax(-1), [(3, 4, 7)]),
+        (SafeSoftmax(1), [(3, 4, 7)]),
         (SafeLogSoftmax(-1), [(3, 7)]),
         (SafeLayerNorm((6,)), [(3, 6)]),
         (Product(), [(3, 5), (3, 1)]),
         (ProductMatMul(), [(3, 2, 4, 5), (3, 2, 5, 4)]),
         (Rescale(torch.nn.functional.selu), [(3, 9)]),
     ],
-    ids=["softmax", "log_softmax", "layer_norm", "product", "matmul", "selu"],
+    ids=["softmax", "softmax_dim1", "log_softmax", "layer_norm", "product", "matmul", "selu"],
 )
 def test_rules_are_complete_on_random_pairs(module, shapes):
     torch.manual_seed(0)
@@ -164,13 +197,22 @@ def test_rules_are_complete_on_random_pairs(module, shapes):
 
 
 @pytest.mark.parametrize("gap", [30.0, 200.0, 1000.0])
-@pytest.mark.parametrize("module", [SafeSoftmax(-1), SafeLogSoftmax(-1)], ids=["sm", "log_sm"])
+@pytest.mark.parametrize(
+    "module",
+    [SafeSoftmax(-1), SafeLogSoftmax(-1), SafeSoftmax(1)],
+    ids=["sm", "log_sm", "sm_dim1"],
+)
 def test_softmax_rules_stay_exact_and_bounded_in_float32_for_sharp_scores(module, gap):
     # trained attention can be sharp: score gaps of hundreds between a cell and its reference
     torch.manual_seed(0)
     x, r = torch.randn(4, 3, 40), torch.randn(4, 3, 40)
-    x[..., 3] += gap
-    r[..., 11] -= gap / 2
+    if module.dim == 1:  # normalised over the middle axis: put the gaps there
+        x, r = x.transpose(1, 2).contiguous(), r.transpose(1, 2).contiguous()
+        x[:, 3] += gap
+        r[:, 11] -= gap / 2
+    else:
+        x[..., 3] += gap
+        r[..., 11] -= gap / 2
     assert completeness_gap(module, (x, r)) < 1e-4
     joint = torch.cat([x, r]).requires_grad_()
     with deeplift_rules(module):
@@ -295,6 +337,94 @@ def test_skip_and_attention_sum_to_residual(method, latent_safe, cells, backgrou
     total = branch.attributions + skip["attributions"].reshape(len(cells), -1)
     scale = np.abs(residual.attributions).max()
     np.testing.assert_allclose(total, residual.attributions, atol=1e-4 * scale)
+
+
+# --------------------------------------------------------------------------------------------
+# scPerceiver: the same guarantees through the same interface
+# --------------------------------------------------------------------------------------------
+
+PERCEIVER_GENES = 48
+
+
+@pytest.mark.parametrize(
+    "switches", PERCEIVER_SWITCHES, ids=lambda s: "-".join(map(str, s.values()))
+)
+def test_perceiver_rules_are_exact_in_float64(switches, make_perceiver):
+    # the whole network: every multiplier exact, so completeness holds to float64 rounding
+    net = make_perceiver(**switches)
+    x = log_counts(3, seed=1, n_genes=PERCEIVER_GENES).double()
+    r = log_counts(3, seed=2, n_genes=PERCEIVER_GENES).double()
+    library = torch.tensor([300.0, 800.0, 2000.0], dtype=torch.float64)
+    torch.manual_seed(0)  # the random readout of completeness_gap
+    latent = prepare(LatentTarget(net)).double()
+    assert completeness_gap(latent, (x, r)) < 1e-9
+    mean = prepare(MeanTarget(net, [0, 5, 17])).double()
+    scaled = [(library, library)] if net.config.library_scaling else []  # else unused
+    assert completeness_gap(mean, (x, r), *scaled) < 1e-9
+
+
+@pytest.mark.parametrize("method", ["deeplift", "deepshap", "deepliftshap"])
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(),
+        dict(tokens="conv", likelihood="corrected"),
+        dict(attention=False),
+        dict(likelihood="legacy", library_scaling=False),
+    ],
+    ids=["genes", "conv-corrected", "no-attention", "legacy-softplus"],
+)
+def test_perceiver_sanity_within_tolerance_on_safe_path(method, switches, make_perceiver):
+    net = make_perceiver(**switches)
+    cells = log_counts(3, seed=1, n_genes=PERCEIVER_GENES)
+    refs = baselines_for(method, log_counts(4, seed=2, n_genes=PERCEIVER_GENES))
+    library = torch.tensor([300.0, 800.0, 2000.0])
+    with torch.no_grad():  # genes whose mean is not clamped (legacy: clamp(relu))
+        genes = net(cells, library=library).mean.mean(0).argsort(descending=True)[:3]
+    latent, mean = prepare(LatentTarget(net)), prepare(MeanTarget(net, genes.tolist()))
+    latent_layers = [None, "tokens", "encoder.0.attention", "encoder.0", "posterior"]
+    runs = [(latent, layer, 1, None) for layer in latent_layers]
+    runs += [
+        (mean, layer, 2, (library,))
+        for layer in (None, "decoder.tokens", "decoder.0.attention", "decoder.0")
+    ]
+    for model, layer, target, args in runs:
+        result = attribute(
+            model,
+            cells,
+            method=method,
+            layer=layer,
+            target=target,
+            baselines=refs,
+            additional_forward_args=args,
+        )
+        s = result.sanity
+        assert s.passed and s.relative < 1e-4, f"{method} on {layer}: {s.relative:.2e}"
+        if layer is not None and layer.endswith(".attention"):  # checked with its skip branch
+            assert result.extra["complement"]["layer"] == layer.replace("attention", "skip")
+
+
+def test_perceiver_layer_names_and_classifier_target(make_perceiver):
+    net = make_perceiver()
+    assert layer_names(LatentTarget(net)) == [
+        "tokens",
+        "encoder.0.skip",
+        "encoder.0.attention",
+        "encoder.0",
+        "encoder_norm",
+        "posterior",
+        "decoder.tokens",
+        "decoder.0.skip",
+        "decoder.0.attention",
+        "decoder.0",
+    ]
+    cells = log_counts(40, seed=4, n_genes=PERCEIVER_GENES)
+    with torch.no_grad():
+        z = net.encode(cells).numpy()
+    mlp = fit_report_mlp(z, np.arange(40) % 3, epochs=2)
+    model = prepare(ClassifierTarget(net, mlp))
+    result = attribute(model, cells[:3], method="deeplift", layer="encoder.0", target=None)
+    assert result.sanity.passed and result.shape == (4, 16)
 
 
 # --------------------------------------------------------------------------------------------

@@ -376,3 +376,169 @@ def test_diagnostics_run_on_ablations(data, overrides):
     expected = 4 + 2 * net.config.extra_convs + linearised
     assert len(span) == (expected if net.config.conv_stem else 1)
     assert len(decoder_gene_tokens(net)) == N_GENES
+
+
+# scPerceiver: the same diagnostics through the same interface ---------------------------------
+
+PERCEIVER_SITES = ["encoder.cross", "encoder.0", "decoder.0", "decoder.readout"]
+PERCEIVER_CASES = [
+    dict(tokens=tokens, attention=attention)
+    for tokens in ("genes", "conv")
+    for attention in (True, False)
+]
+
+
+@pytest.fixture(scope="module")
+def perceiver_data():
+    """40 cells of the 48 genes of :func:`conftest.small_perceiver`, with a split."""
+    rng = np.random.default_rng(0)
+    counts = torch.as_tensor(rng.poisson(rng.gamma(0.5, 4.0, size=(40, 48))), dtype=torch.float32)
+    split = np.tile(np.array(["train"] * 6 + ["validation"] + ["test"] * 3), 4)
+    return {"x": torch.log1p(counts), "counts": counts, "library": counts.sum(1), "split": split}
+
+
+@pytest.mark.parametrize("case", PERCEIVER_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_perceiver_attention_diagnostics(case, make_perceiver, perceiver_data):
+    net = make_perceiver(**case)
+    x, library = perceiver_data["x"], perceiver_data["library"]
+    assert attention_layers(net) == PERCEIVER_SITES
+    frame = attention_entropy(net, x, library=library)
+    heads = {"encoder.cross": 2 if case["tokens"] == "conv" else 1, "decoder.readout": 1}
+    expected = [s for s in PERCEIVER_SITES for _ in range(heads.get(s, net.config.heads))]
+    assert frame["layer"].tolist() == expected
+    rows = frame.groupby("layer", sort=False).first()
+    keys = 4 if case["tokens"] == "conv" else 48  # conv channels, or genes
+    assert rows.loc["encoder.cross", ["tokens", "queries"]].tolist() == [keys, 4]
+    assert rows.loc["decoder.readout", ["tokens", "queries"]].tolist() == [4, 48]  # dim=1
+    assert (frame["entropy_ratio"] < 0.95).all()  # sharp: far from uniform
+    cross = frame["layer"].isin(["encoder.cross", "decoder.readout"])
+    assert frame.loc[cross, "self_weight"].isna().all()
+    assert frame.loc[~cross, "self_weight"].between(0, 1).all()
+
+    norms = update_norms(net, x, library=library)
+    assert norms["layer"].tolist() == ["encoder.0", "decoder.0"]  # the residual sites
+    with torch.no_grad():
+        record = net.forward_intermediates(x, library=library)
+    update, skip = record["encoder.0.attention"].flatten(1), record["tokens"].flatten(1)
+    ratio = float((update.norm(dim=1) / skip.norm(dim=1)).mean())
+    assert norms.set_index("layer").loc["encoder.0", "ratio"] == pytest.approx(ratio, rel=1e-5)
+
+    ranks = effective_rank(net, x, library=library)
+    assert ranks["layer"].tolist() == [
+        "tokens",
+        "encoder.0",
+        "latent",
+        "decoder.tokens",
+        "decoder.0",
+    ]
+    tokens = ranks.dropna(subset=["per_cell"])
+    assert len(tokens) == 4 and (tokens["per_cell"] <= tokens["per_cell_max"] + 1e-9).all()
+
+    # a uniform knock-out of any one site changes the decoded mean (the latent: encoder only)
+    with torch.no_grad():
+        trained = knocked_out(net, "trained")(x, library=library)
+        for site in PERCEIVER_SITES:
+            out = knocked_out(net, "uniform", stages=[site])(x, library=library)
+            assert not torch.allclose(out.mean, trained.mean, rtol=1e-3), site
+            moved = not torch.allclose(out.z, trained.z, atol=1e-5)
+            assert moved == site.startswith("encoder"), site
+
+
+def test_perceiver_knockouts_follow_each_sites_softmax(make_perceiver, perceiver_data):
+    net = make_perceiver()
+    x, library = perceiver_data["x"][:8], perceiver_data["library"][:8]
+    # uniform weights of the readout are 1/m over the tokens (its softmax's dim=1)
+    knocked = knocked_out(net, "uniform", stages=["decoder.readout"])
+    with torch.no_grad():
+        record = knocked.forward_intermediates(x, library=library)
+        readout = knocked.readout
+        v = readout.v(readout.norm(record["decoder.0"]))  # (B, m, d)
+        raw = (v @ readout.readout[0].T).mean(1) + readout.bias[0]  # (B, G)
+        expected = (torch.softmax(raw, -1) * library[:, None]).clamp(1e-6, 1e6)
+    torch.testing.assert_close(record["mean"], expected)
+    # identity weights are defined for self-attention only, a zero update where there is a sum
+    with pytest.raises(ValueError, match="self-attention"):
+        knocked_out(net, "identity", stages=["encoder.cross"])
+    with pytest.raises(ValueError, match="residual"):
+        knocked_out(net, "zero", stages=["decoder.readout"])
+    identity = knocked_out(net, "identity")  # all self-attention sites, none of the others
+    assert [bool(s.softmax._forward_hooks) for s in identity.attention_sites()] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+    frame = attention_knockout(
+        net,
+        perceiver_data["x"],
+        perceiver_data["counts"],
+        split=perceiver_data["split"],
+        per_stage=True,
+    )
+    stages = frame.groupby("mode", sort=False)["stages"].apply(list).to_dict()
+    assert stages == {
+        "trained": ["none"],
+        "uniform": ["all", *PERCEIVER_SITES],
+        "identity": ["all", "encoder.0", "decoder.0"],
+        "zero": ["all", "encoder.0", "decoder.0"],
+    }
+    assert np.isfinite(frame["nll"]).all() and frame["n_cells"].eq(12).all()
+
+
+class PerceiverStandIn:
+    """What :func:`interpret.diagnose` reads of an API model, for a bare scPerceiver network:
+    ``model``, ``adata``, ``config``, ``train_config.input_transform`` and the constructor
+    ``type(model)(adata, config, seed=, input_transform=)`` (the untrained network)."""
+
+    def __init__(self, adata, config, *, seed: int = 0, input_transform: str = "log1p"):
+        from types import SimpleNamespace
+
+        from scvit_core.perceiver import ScPerceiver
+
+        self.adata, self.config = adata, config
+        self.train_config = SimpleNamespace(input_transform=input_transform)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = ScPerceiver(config)
+
+
+@pytest.mark.parametrize("attention", [True, False], ids=["attention", "no-attention"])
+def test_diagnose_a_trained_perceiver(attention, tiny_counts, tmp_path):
+    from interpret import Diagnosis, diagnose
+    from scvit_core.data import add_split
+    from scvit_core.likelihood import nll
+    from scvit_core.perceiver import PerceiverConfig
+
+    adata = tiny_counts.copy()
+    add_split(adata, labels_key="celltype", fractions=(0.6, 0.1, 0.3))
+    config = PerceiverConfig.for_genes(
+        adata.n_vars, dim=16, n_tokens=4, heads=2, encoder_blocks=1, decoder_blocks=1,
+        n_latent=8, attention=attention,
+    )  # fmt: skip
+    model = PerceiverStandIn(adata, config, seed=0)
+    counts = torch.as_tensor(adata.X.toarray(), dtype=torch.float32)
+    net = model.model.train()
+    optimiser = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(5):
+        out = net(torch.log1p(counts), library=counts.sum(1))
+        loss = (nll(out, counts, likelihood=config.likelihood) + out.kl).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    report = diagnose(model, label_key="celltype", attribution_cells=2, progress=False)
+    expected = {"effective_rank", "probes", "beyond_null"}
+    if attention:
+        expected |= {"entropy", "update_norms", "branches", "sanity", "knockout"}
+    assert set(report.tables) == expected  # no stem, token-similarity or gene-token tables
+    assert report.description["network"] == "ScPerceiver"
+    assert report.description["tokens"] == "genes" and "conv_stem" not in report.description
+    probes = report["probes"]
+    assert set(probes["state"]) == {"trained", "untrained"}
+    assert "latent" in probes["layer"].tolist()
+    if attention:
+        assert report["branches"]["stage"].tolist() == ["encoder.0", "decoder.0"]
+        assert report["sanity"]["passed"].all()
+        assert report["entropy"]["layer"].iloc[0] == "encoder.cross"
+    assert np.isfinite(list(report.headline().values())).all()
+    loaded = Diagnosis.load(report.save(tmp_path / "report"))
+    assert set(loaded.tables) == expected

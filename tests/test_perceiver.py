@@ -201,7 +201,9 @@ def test_default_budgets():
     assert perceiver_epochs(10**6) == 10
     cpu = ExperimentSpec.make("perceiver", profile="cpu")
     assert training_epochs(cpu, 1189) == perceiver_epochs(1189)
-    assert training_epochs(ExperimentSpec.make("scvi", profile="cpu", epochs="default"), 1189) == 400
+    assert (
+        training_epochs(ExperimentSpec.make("scvi", profile="cpu", epochs="default"), 1189) == 400
+    )
     assert training_epochs(ExperimentSpec.make("scvi", profile="cpu"), 1189) == 10
     assert training_epochs(ExperimentSpec.make("perceiver", profile="ci"), 480) == 2
     with pytest.raises(ValueError, match="epochs"):
