@@ -464,18 +464,18 @@ class ScViTModel(AutoencoderModel):
 def perceiver_epochs(n_cells: int) -> int:
     """scPerceiver's default epoch budget for ``n_cells`` training cells.
 
-    About 1,200 optimiser steps of 128 cells (``round(150,000 / n_cells)`` epochs), at least 10
+    ``round(180,000 / n_cells)`` epochs (about 2,800 optimiser steps of 64 cells), at least 10
     and at most 200: a fixed amount of work per model rather than per cell, as scvi-tools'
     ``get_max_epochs_heuristic`` (``min(round(20,000 / n * 400), 400)``) caps scVI's.
     """
-    return int(min(max(round(150_000 / max(n_cells, 1)), 10), 200))
+    return int(min(max(round(180_000 / max(n_cells, 1)), 10), 200))
 
 
 class ScPerceiverModel(AutoencoderModel):
     """scPerceiver (the model built from the diagnosis) on AnnData; see :class:`AutoencoderModel`.
 
     Default configuration ``PerceiverConfig.for_genes(adata.n_vars)``, input ``log1p(counts)``
-    (as scVI's encoder), AdamW at lr 1e-3 with a one-cycle schedule, batches of 128 cells, KL
+    (as scVI's encoder), AdamW at lr 3e-3 with a one-cycle schedule, batches of 64 cells, KL
     warm-up over the first half of training. ``train()`` without ``epochs`` uses
     :func:`perceiver_epochs` of the training cells. The decoder starts from the training
     cells' library-scaled null model (``init_gene_parameters``).
@@ -484,8 +484,8 @@ class ScPerceiverModel(AutoencoderModel):
     architecture = "perceiver"
     default_input_transform = "log1p"
     default_train = {  # noqa: RUF012 - read only
-        "batch_size": 128,
-        "lr": 1e-3,
+        "batch_size": 64,
+        "lr": 3e-3,
         "weight_decay": 1e-4,
         "schedule": "one_cycle",
         "kl_warmup": 0.5,

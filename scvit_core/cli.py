@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--epochs", type=int, default=None, help="default: 10 (scvit), its own budget (perceiver)"
     )
-    train.add_argument("--batch-size", type=int, default=None, help="default: 256 / 128")
-    train.add_argument("--lr", type=float, default=None, help="default: 0.005 / 0.001")
+    train.add_argument("--batch-size", type=int, default=None, help="default: 256 / 64")
+    train.add_argument("--lr", type=float, default=None, help="default: 0.005 / 0.003")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--patience", type=int, default=None, help="early stopping patience")
     train.add_argument("--accelerator", default="auto")

@@ -59,6 +59,62 @@ METRIC_COLUMNS = ["metric", "label_key", "checkpoint", "value"]
 _PACKAGES = ("torch", "lightning", "pyro-ppl", "anndata", "scanpy", "scvi-tools", "scvit")
 
 
+# The source files whose code determines each model's numbers (paths relative to the package),
+# and the installed packages that do. Evaluation and the data layer are common to all.
+_COMMON_CODE = ("_constants.py", "profiles.py", "evaluate.py", "data/")
+_CODE = {
+    "scvit": (
+        "config.py",
+        "model.py",
+        "likelihood.py",
+        "train.py",
+        "api.py",
+        "architectures.py",
+        "baselines.py",
+    ),
+    "perceiver": (
+        "perceiver.py",
+        "model.py",
+        "likelihood.py",
+        "train.py",
+        "api.py",
+        "architectures.py",
+        "config.py",
+        "baselines.py",
+    ),
+    "scvi": ("baselines.py", "likelihood.py"),
+    "pca": ("baselines.py",),
+    "null_nb": ("baselines.py", "likelihood.py"),
+}
+_CODE["untrained_scvit"] = _CODE["scvit"]
+_CODE["null_nb_library"] = _CODE["null_nb"]
+_CODE_PACKAGES = ("torch", "pyro-ppl", "scvi-tools", "lightning", "scikit-learn", "scib-metrics")
+
+
+def code_fingerprint(model: str) -> str:
+    """16 hex digits of the SHA-256 of the code behind ``model``'s numbers.
+
+    The source of the files listed for the model (its network, likelihood, trainer and API for
+    the autoencoders; the baselines for scVI, PCA and the nulls), the evaluation protocol and
+    the data layer, plus the installed versions of the libraries that compute them. Part of
+    every run's cache key, so a run made by other code is never served: changing one line of
+    scPerceiver's file retrains scPerceiver and nothing else.
+    """
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for entry in sorted(set(_COMMON_CODE + _CODE[model])):
+        files = sorted((root / entry).rglob("*.py")) if entry.endswith("/") else [root / entry]
+        for path in files:
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    for package in _CODE_PACKAGES:
+        try:
+            digest.update(f"{package}=={version(package)}".encode())
+        except PackageNotFoundError:
+            digest.update(f"{package} missing".encode())
+    return digest.hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class ExperimentSpec:
     """Everything that defines one run; its :attr:`key` names the cache entry.
@@ -133,13 +189,15 @@ class ExperimentSpec:
 
     @property
     def key(self) -> str:
-        """16 hex digits of the SHA-256 of the spec (without its label) and its profile.
+        """16 hex digits of the SHA-256 of the spec (without its label), its profile and code.
 
-        The profile's settings are part of the key, so redefining a profile invalidates its
-        cached runs instead of silently reusing them.
+        The profile's settings and the fingerprint of the code behind the model's numbers
+        (:func:`code_fingerprint`) are part of the key, so redefining a profile or changing
+        the code invalidates the cached runs instead of silently reusing them.
         """
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "label"}
         payload["profile"] = dataclasses.asdict(get_profile(self.profile))
+        payload["code"] = code_fingerprint(self.model)
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -321,7 +379,11 @@ def run_many(specs: list[ExperimentSpec], **kwargs: Any) -> list[ExperimentResul
     for i, spec in enumerate(specs, 1):
         start = time.perf_counter()
         result = run(spec, **kwargs)
-        state = "cached" if result.cached else f"{time.perf_counter() - start:.0f} s"
+        if result.cached:
+            commit = str(result.provenance.get("git_commit", "unknown"))[:10]
+            state = f"cached, made at commit {commit} by the same code"
+        else:
+            state = f"{time.perf_counter() - start:.0f} s"
         print(f"[{i}/{len(specs)}] {spec.name} (seed {spec.seed}): {state}", flush=True)
         results.append(result)
     return results
@@ -555,6 +617,7 @@ def _provenance(spec: ExperimentSpec, adata: ad.AnnData, epochs: int) -> dict[st
             versions[package] = "not installed"
     return {
         "spec_key": spec.key,
+        "code_fingerprint": code_fingerprint(spec.model),
         "git_commit": _git_commit(),
         "versions": versions,
         "python": platform.python_version(),

@@ -104,6 +104,11 @@ class PerceiverConfig:
     fused_attention
         ``scaled_dot_product_attention`` in the self-attention blocks (same numbers as the
         explicit path that interpret uses).
+    init_std
+        Standard deviation of the initial gene embeddings, gene queries and latent queries
+        (``nn.Embedding``'s 1): large enough that attention starts away from uniform; with
+        0.02 (ViT's) every softmax over 4,000 genes starts flat and the test NLL after the
+        same budget is about 1% worse.
     """
 
     n_genes: int
@@ -124,6 +129,7 @@ class PerceiverConfig:
     likelihood: str = "nb"
     library_scaling: bool = True
     fused_attention: bool = True
+    init_std: float = 1.0
     architecture: str = dataclasses.field(default="perceiver", init=False)
 
     def __post_init__(self) -> None:
@@ -265,9 +271,9 @@ class GeneEncoder(nn.Module):
     def __init__(self, config: PerceiverConfig) -> None:
         super().__init__()
         g, d, m = config.n_genes, config.dim, config.n_tokens
-        self.expression = nn.Parameter(torch.randn(g, d) * 0.02)  # E
-        self.identity = nn.Parameter(torch.randn(g, d) * 0.02)  # F
-        self.queries = nn.Parameter(torch.randn(m, d) * 0.02)
+        self.expression = nn.Parameter(torch.randn(g, d) * config.init_std)  # E
+        self.identity = nn.Parameter(torch.randn(g, d) * config.init_std)  # F
+        self.queries = nn.Parameter(torch.randn(m, d) * config.init_std)
         self.query_norm = nn.LayerNorm(d)
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)
@@ -355,7 +361,7 @@ class GeneReadout(nn.Module):
         super().__init__()
         g, d, m = config.n_genes, config.dim, config.n_tokens
         self.n_outputs = n_outputs
-        self.gene_queries = nn.Parameter(torch.randn(g, d) * 0.02)
+        self.gene_queries = nn.Parameter(torch.randn(g, d) * config.init_std)
         self.norm = nn.LayerNorm(d)
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)

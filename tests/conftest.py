@@ -44,8 +44,7 @@ def small_perceiver(seed: int = 0, *, sharp: bool = True, **overrides):
 
     ``sharp`` scales up the gene embeddings, the query/key maps and (``attention=False``) draws
     the constant mixing logits at random, so that attention weights are far from uniform and
-    the outputs depend clearly on the cell: the default initialisation (embeddings of scale
-    0.02) gives near-uniform attention and outputs that barely move between cells.
+    the outputs depend clearly on the cell (embeddings of unit scale whatever ``init_std``).
     """
     import torch
 
@@ -63,7 +62,7 @@ def small_perceiver(seed: int = 0, *, sharp: bool = True, **overrides):
             for name, p in net.named_parameters():
                 owner, _, leaf = name.rpartition(".")
                 if leaf in ("expression", "identity", "gene_queries", "queries"):
-                    p.mul_(50)
+                    p.mul_(1.0 / net.config.init_std)  # unit scale whatever the default
                 elif owner.rpartition(".")[2] in ("q", "k") and leaf == "weight":
                     p.mul_(4)
                 elif leaf == "in_proj_weight":

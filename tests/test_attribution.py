@@ -143,13 +143,14 @@ def assert_safe_copy_equals_fast_path(model: nn.Module) -> nn.Module:
         fast_out, safe_out = model(x, library=library), safe(x, library=library)
     assert fast_layers.keys() == safe_layers.keys()
     for key, value in fast_layers.items():
-        torch.testing.assert_close(safe_layers[key], value, atol=1e-5, rtol=1e-5, msg=key)
+        # float32 rounding of the rule modules' reordered sums (the safe LayerNorm and softmax)
+        torch.testing.assert_close(safe_layers[key], value, atol=5e-5, rtol=5e-5, msg=key)
     for key in ("z", "mean", "theta", "gate_logits"):
         a, b = getattr(fast_out, key), getattr(safe_out, key)
         if a is None:
             assert b is None
         else:
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=key)
+            torch.testing.assert_close(b, a, atol=5e-5, rtol=5e-5, msg=key)
     # the user's model is untouched: still fused, still nn.LayerNorm
     assert all(m.fused for m in model.modules() if isinstance(m, Attention))
     assert any(type(m) is nn.LayerNorm for m in model.modules())
@@ -410,12 +411,14 @@ def test_perceiver_layer_names_and_classifier_target(make_perceiver):
         "tokens",
         "encoder.0.skip",
         "encoder.0.attention",
+        "encoder.0.residual",
         "encoder.0",
         "encoder_norm",
         "posterior",
         "decoder.tokens",
         "decoder.0.skip",
         "decoder.0.attention",
+        "decoder.0.residual",
         "decoder.0",
     ]
     cells = log_counts(40, seed=4, n_genes=PERCEIVER_GENES)

@@ -69,3 +69,23 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in run.stderr
     run = scvit("evaluate", tmp_path / "nowhere", "zeisel2015")
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_train_and_evaluate_the_perceiver(tmp_path):
+    model = tmp_path / "perceiver"
+    run = scvit(
+        "train", "zeisel2015", "--model", "perceiver", "--max-cells", "300", "--epochs", "1",
+        "--no-progress", "--out", model,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (
+        "ScPerceiverModel" in run.stderr
+        and '"architecture": "perceiver"' in (model / "config.json").read_text()
+    )
+    run = scvit("evaluate", model, "zeisel2015", "--max-cells", "300")
+    assert run.returncode == 0, run.stderr
+    assert "reconstruction_loss (test" in run.stdout and "knn_accuracy" in run.stdout
+    bad = scvit(
+        "train", "zeisel2015", "--model", "perceiver", "--no-conv-stem", "--out", tmp_path / "b"
+    )
+    assert bad.returncode == 2 and "scViT's switches" in bad.stderr

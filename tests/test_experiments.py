@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,26 @@ def test_scvi_run_stores_its_model(tmp_path):
     assert model.is_trained and model.module.n_latent == 64
     adata = prepare_data(spec)
     assert model.get_latent_representation(adata).shape == (adata.n_obs, 64)
+
+
+def test_changing_a_models_code_invalidates_its_runs_only(monkeypatch, tmp_path):
+    """One changed line of scPerceiver's file: new keys for scPerceiver, the same for scVI."""
+    import shutil
+
+    import scvit_core
+    from scvit_core import experiments as E
+
+    package = Path(scvit_core.__file__).resolve().parent
+    copy = tmp_path / "scvit_core"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__", "files"))
+    before = {m: ExperimentSpec.make(m).key for m in ("perceiver", "scvit", "scvi", "pca")}
+    monkeypatch.setattr(E, "__file__", str(copy / "experiments.py"))
+    same = {m: ExperimentSpec.make(m).key for m in before}
+    assert same == before  # the copy is the same code
+    path = copy / "perceiver.py"
+    path.write_text(path.read_text().replace("init_std: float = 1.0", "init_std: float = 0.5"))
+    after = {m: ExperimentSpec.make(m).key for m in before}
+    assert after["perceiver"] != before["perceiver"]
+    assert {m: after[m] for m in ("scvit", "scvi", "pca")} == {
+        m: before[m] for m in ("scvit", "scvi", "pca")
+    }
