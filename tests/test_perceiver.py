@@ -197,7 +197,7 @@ def test_a_scvit_config_is_refused_by_the_perceiver_api(zeisel):
 
 
 def test_default_budgets():
-    assert perceiver_epochs(1189) == 151 and perceiver_epochs(100) == 200
+    assert perceiver_epochs(1189) == 61 and perceiver_epochs(100) == 200
     assert perceiver_epochs(10**6) == 10
     cpu = ExperimentSpec.make("perceiver", profile="cpu")
     assert training_epochs(cpu, 1189) == perceiver_epochs(1189)
