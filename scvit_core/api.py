@@ -468,7 +468,7 @@ def perceiver_epochs(n_cells: int) -> int:
     and at most 200: a fixed amount of work per model rather than per cell, as scvi-tools'
     ``get_max_epochs_heuristic`` (``min(round(20,000 / n * 400), 400)``) caps scVI's. It is
     chosen to cost about scVI's default budget in wall time; on zeisel2015 (1,189 training
-    cells) 2.5 times more steps (151 epochs) overfit: the test NLL was 1.5% higher.
+    cells, seed 0) 2.5 times more steps (151 epochs) overfit: test NLL 6,267 against 6,173.
     """
     return int(min(max(round(72_000 / max(n_cells, 1)), 10), 200))
 
