@@ -2,7 +2,8 @@
 
 ::
 
-    python scripts/readme_versus_scvi.py   # after benchmarks/versus_scvi.py ... > benchmarks/results/versus_scvi_<name>.txt
+    python benchmarks/versus_scvi.py --dataset NAME > benchmarks/results/versus_scvi_NAME.txt
+    python scripts/readme_versus_scvi.py
 
 A benchmark still running (no RESULT line yet) contributes its finished per-seed rows.
 """
