@@ -397,9 +397,9 @@ class ScPerceiver(nn.Module):
 
     Notes
     -----
-    Inputs are ``(cells, n_genes)`` in the model's gene order (the trainer passes
-    ``log1p(counts)`` by default, see :data:`DEFAULT_INPUT`); ``library`` is each cell's
-    total count, which scales the decoded mean.
+    Inputs are ``(cells, n_genes)`` in the model's gene order (``ScPerceiverModel`` passes
+    ``log1p(counts)`` by default); ``library`` is each cell's total count, which scales the
+    decoded mean.
     """
 
     def __init__(self, config: PerceiverConfig) -> None:
