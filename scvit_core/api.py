@@ -11,13 +11,17 @@ architecture and its default input and training settings::
     model.save("run/"); ScViTModel.load("run/", adata)
 
 The user's AnnData is never modified unless a call says so (``store=True``, ``store_split=True``).
-Data with another gene set are aligned to the model's gene list with
-:func:`scvit_core.align_genes` and the change is reported as a warning.
+Every entry point checks its data with :func:`scvit_core.data.prepare_counts` (raw counts,
+cells and genes, unique gene names); data with another gene set are aligned to the model's gene
+list with :func:`scvit_core.align_genes` and the change is reported as a warning.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,11 +34,13 @@ import torch
 from scvit_core import _constants as K
 from scvit_core.architectures import AnyConfig, architecture_of, config_for_genes, config_from_dict
 from scvit_core.data import (
+    CountDataError,
     GeneAlignment,
-    align_genes,
+    check_anndata,
+    check_unique_genes,
     count_dataloader,
+    prepare_counts,
     stratified_split,
-    validate_counts,
 )
 from scvit_core.train import (
     AutoencoderLightning,
@@ -51,6 +57,8 @@ TRAIN_CONFIG_FILE = "train_config.json"
 GENES_FILE = "genes.txt"
 WEIGHTS_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
+MODEL_FILES = (CONFIG_FILE, TRAIN_CONFIG_FILE, GENES_FILE, WEIGHTS_FILE, HISTORY_FILE)
+"""What :meth:`AutoencoderModel.save` writes; all but the history are needed to load."""
 
 
 def default_device() -> torch.device:
@@ -105,6 +113,7 @@ class AutoencoderModel:
         seed: int = 0,
         **config_overrides: Any,
     ) -> None:
+        check_anndata(adata, layer=layer)
         if config is None:
             config = config_for_genes(self.architecture, adata.n_vars, **config_overrides)
         elif config_overrides:
@@ -119,9 +128,13 @@ class AutoencoderModel:
                 f"config.n_genes is {config.n_genes} but adata has {adata.n_vars} genes; "
                 "build the configuration with for_genes(adata.n_vars) or align the genes first."
             )
-        self.adata = adata
+        self._build(adata, [str(g) for g in adata.var_names], config, layer, input_transform, seed)
+
+    def _build(self, adata, genes, config, layer, input_transform, seed) -> None:
+        """Set every attribute; ``adata`` None for a model loaded without data."""
+        self.adata: ad.AnnData | None = adata
         self.layer = layer
-        self.genes: list[str] = [str(g) for g in adata.var_names]
+        self.genes: list[str] = genes
         self.config = config
         self.train_config = TrainConfig(
             input_transform=input_transform or self.default_input_transform,
@@ -197,9 +210,10 @@ class AutoencoderModel:
         cfg = train_config or self.train_config
         if train_overrides:
             cfg = cfg.replace(**train_overrides)
-        adata = self.adata
-        validate_counts(_counts(adata, self.layer), source=_source(self.layer))
+        adata = self._bound_data("to train it")
+        prepare_counts(adata, layer=self.layer, allow_empty_cells=False)
         data = _with_split(adata, self.layer, store=store_split, seed=split_seed)
+        n_train = _training_cells(data)
         if self.is_trained and ckpt_path is None:
             warnings.warn("training continues from the current weights", stacklevel=2)
         self.train_config = cfg
@@ -214,6 +228,8 @@ class AutoencoderModel:
             split="train",
             batch_size=cfg.batch_size,
             shuffle=True,
+            # a last batch of one cell stops batch normalisation in training mode
+            drop_last=n_train % cfg.batch_size == 1,
             seed=cfg.seed,
             num_workers=cfg.num_workers,
         )
@@ -253,31 +269,40 @@ class AutoencoderModel:
 
     # inference -----------------------------------------------------------------------------
 
-    def _prepare(self, adata: ad.AnnData | None, *, require_integer: bool) -> ad.AnnData:
-        """The data in the model's gene order (aligned and reported if needed), counts in X."""
-        adata = self.adata if adata is None else adata
-        layer = self.layer if adata is self.adata else None
-        if [str(g) for g in adata.var_names] != self.genes:
-            adata, report = align_genes(adata, self.genes, layer=layer)
-            layer = None
-            self.last_alignment = report
-            warnings.warn(f"data aligned to the model's genes: {report}", stacklevel=3)
-        validate_counts(
-            _counts(adata, layer),
-            source=_source(layer),
-            require_integer=require_integer,
-            allow_empty_cells=True,
-        )
-        if layer is not None:
-            adata = ad.AnnData(X=adata.layers[layer], obs=adata.obs)
-        return adata
+    def _bound_data(self, purpose: str = "to query it without adata=") -> ad.AnnData:
+        """The AnnData the model is bound to; a model loaded without data has none."""
+        if self.adata is None:
+            raise ValueError(
+                f"this model was loaded without data; pass adata= to the call, or load it "
+                f"with data {purpose}: {type(self).__name__}.load(path, adata)"
+            )
+        return self.adata
+
+    def _prepare(self, adata: ad.AnnData | None, layer: str | None) -> ad.AnnData:
+        """The raw counts of ``adata`` (default: the model's own data) in the model's gene
+        order, checked by :func:`~scvit_core.data.prepare_counts`; an alignment is reported."""
+        if adata is None or adata is self.adata:
+            adata, layer = self._bound_data(), self.layer if layer is None else layer
+        prepared = prepare_counts(adata, self.genes, layer=layer)
+        if prepared.alignment is not None:
+            self.last_alignment = prepared.alignment
+            warnings.warn(f"data aligned to the model's genes: {prepared.alignment}", stacklevel=3)
+        return prepared.adata
 
     def _batches(self, adata: ad.AnnData, split: str | None, batch_size: int):
-        if split is not None and K.SPLIT not in adata.obs:
-            raise KeyError(
-                f"split={split!r} needs adata.obs[{K.SPLIT!r}]; load the data with "
-                "scvit_core.load_dataset or add one with scvit_core.add_split."
-            )
+        if split is not None:
+            if split not in K.SPLITS:
+                raise ValueError(f"split must be one of {K.SPLITS} or None, got {split!r}")
+            if K.SPLIT not in adata.obs:
+                raise KeyError(
+                    f"split={split!r} needs adata.obs[{K.SPLIT!r}]; load the data with "
+                    "scvit_core.load_dataset or add one with scvit_core.add_split."
+                )
+            if not (adata.obs[K.SPLIT].astype(str) == split).any():
+                raise ValueError(
+                    f"adata.obs[{K.SPLIT!r}] has no {split!r} cells; pass another split= or "
+                    "split=None for every cell."
+                )
         return count_dataloader(adata, split=split, batch_size=batch_size)
 
     @torch.inference_mode()
@@ -286,6 +311,7 @@ class AutoencoderModel:
         adata: ad.AnnData | None = None,
         *,
         split: str | None = None,
+        layer: str | None = None,
         batch_size: int = 1024,
         store: bool = False,
     ) -> np.ndarray | None:
@@ -298,6 +324,10 @@ class AutoencoderModel:
             model's gene list (zero-filled / dropped genes are reported in a warning).
         split
             Only the cells of this ``obs["split"]`` value, in their order in ``adata``.
+        layer
+            Layer of ``adata`` with the raw counts (default: the model's layer for its own
+            data, else ``X``). Normalised data are an error: the model transforms raw counts
+            itself (``train_config.input_transform``).
         batch_size
             Cells per forward pass.
         store
@@ -311,8 +341,8 @@ class AutoencoderModel:
         """
         if store and split is not None:
             raise ValueError("store=True writes every cell's latent; pass split=None")
-        target = self.adata if adata is None else adata
-        data = self._prepare(target, require_integer=False)
+        target = self._bound_data() if adata is None else adata
+        data = self._prepare(target, layer)
         device = default_device()
         model = self.module.model.to(device).eval()
         chunks, rows = [], []
@@ -332,6 +362,7 @@ class AutoencoderModel:
         adata: ad.AnnData | None = None,
         *,
         split: str | None = None,
+        layer: str | None = None,
         batch_size: int = 1024,
         return_mean: bool = True,
         sample: bool = False,
@@ -350,6 +381,9 @@ class AutoencoderModel:
             Data (default: the training data); another gene set is aligned and reported.
         split
             Only the cells of this ``obs["split"]`` value (e.g. ``"test"``).
+        layer
+            Layer of ``adata`` with the raw counts (default as for
+            :meth:`get_latent_representation`).
         batch_size
             Cells per forward pass.
         return_mean
@@ -364,7 +398,7 @@ class AutoencoderModel:
         dict
             ``{"reconstruction_loss": value}``.
         """
-        data = self._prepare(adata, require_integer=True)
+        data = self._prepare(adata, layer)
         device = default_device()
         model = self.module.model.to(device).eval()
         chunks, rows = [], []
@@ -392,11 +426,27 @@ class AutoencoderModel:
         Files: ``config.json``, ``train_config.json``, ``genes.txt`` (one gene a line),
         ``model.pt`` (a plain ``state_dict`` loadable with ``weights_only=True``),
         ``history.csv``. An existing model directory is an error unless ``overwrite``.
+
+        The files are written to a temporary directory beside ``dir_path`` that is then renamed
+        into place, so a crash never leaves a half-written model that loads. Anything else in an
+        existing ``dir_path`` (training logs, a diagnosis) is kept.
         """
         path = Path(dir_path)
         if (path / WEIGHTS_FILE).exists() and not overwrite:
             raise FileExistsError(f"{path} already holds a model; pass overwrite=True")
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"{path} is a file; pass a directory for the model")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.saving-{uuid.uuid4().hex[:8]}")
+        staging.mkdir()
+        try:
+            self._write_files(staging)
+            _move_into_place(staging, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone unless something failed
+        return path
+
+    def _write_files(self, path: Path) -> None:
         (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))
         meta = {"train_config": self.train_config.to_dict(), "layer": self.layer}
         meta["is_trained"] = self.is_trained
@@ -405,11 +455,14 @@ class AutoencoderModel:
         state = {k: v.detach().cpu() for k, v in self.module.model.state_dict().items()}
         torch.save(state, path / WEIGHTS_FILE)
         self.history.to_csv(path / HISTORY_FILE, index=False)
-        return path
 
     @classmethod
     def load(cls, dir_path: str | Path, adata: ad.AnnData | None = None) -> AutoencoderModel:
         """Load a model written by :meth:`save`, as the class of its architecture.
+
+        Every file must be present and consistent (the gene list, the configuration's
+        ``n_genes`` and the weights' shapes), and the weights a plain ``state_dict``: a file
+        holding other pickled Python objects is refused, never unpickled.
 
         Parameters
         ----------
@@ -417,33 +470,59 @@ class AutoencoderModel:
             The model directory.
         adata
             Data to bind the model to (default queries use it); another gene set is aligned
-            to the saved gene list and reported. Without it the model is bound to an empty
-            AnnData with the saved genes and every query needs ``adata=``.
+            to the saved gene list and reported. Without it every query needs ``adata=``.
+
+        Raises
+        ------
+        FileNotFoundError
+            ``dir_path`` is not a complete saved model.
+        ValueError
+            A file is unreadable, inconsistent with the others, or holds pickled objects.
         """
         path = Path(dir_path)
-        if not (path / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(f"{path} holds no saved scViT model ({WEIGHTS_FILE} missing)")
-        config = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
-        cls = MODEL_CLASSES[architecture_of(config)]
-        meta = json.loads((path / TRAIN_CONFIG_FILE).read_text())
-        genes = (path / GENES_FILE).read_text().splitlines()
-        layer = meta.get("layer")
-        if adata is None:
-            bound = ad.AnnData(
-                X=np.zeros((0, len(genes)), dtype=np.float32), var=pd.DataFrame(index=genes)
+        required = (CONFIG_FILE, TRAIN_CONFIG_FILE, GENES_FILE, WEIGHTS_FILE)
+        missing = [name for name in required if not (path / name).is_file()]
+        if missing:
+            what = "holds no saved model" if len(missing) == len(required) else "is incomplete"
+            raise FileNotFoundError(
+                f"{path} {what} ({', '.join(missing)} missing); a model directory is written "
+                "by save() (or 'scvit train'). Save or train the model again."
             )
-            layer = None
-        elif [str(g) for g in adata.var_names] != genes:
-            bound, report = align_genes(adata, genes, layer=layer)
-            layer = None
-            warnings.warn(f"data aligned to the model's genes: {report}", stacklevel=2)
+        config_dict = _read_json(path / CONFIG_FILE)
+        try:
+            config = config_from_dict(config_dict)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path / CONFIG_FILE} is not a valid configuration: {err}") from None
+        cls = MODEL_CLASSES[architecture_of(config)]
+        meta = _read_json(path / TRAIN_CONFIG_FILE)
+        genes = (path / GENES_FILE).read_text().splitlines()
+        check_unique_genes(pd.Index(genes), source=str(path / GENES_FILE))
+        if len(genes) != config.n_genes:
+            raise ValueError(
+                f"{path}: {GENES_FILE} lists {len(genes)} genes but {CONFIG_FILE} has "
+                f"n_genes={config.n_genes}; the files come from different models. Save the "
+                "model again."
+            )
+        state = _read_weights(path / WEIGHTS_FILE)
+        if adata is None:
+            model = cls.__new__(cls)
+            model._build(None, genes, config, None, None, 0)
         else:
-            bound = adata
-        model = cls(bound, config, layer=layer)
+            layer = meta.get("layer")
+            if layer is not None and layer not in adata.layers:
+                layer = None  # the saved layer names the training data's counts
+            prepared = prepare_counts(adata, genes, layer=layer)
+            if prepared.alignment is None:
+                model = cls(adata, config, layer=layer)
+            else:
+                warnings.warn(
+                    f"data aligned to the model's genes: {prepared.alignment}", stacklevel=2
+                )
+                model = cls(prepared.adata, config)
+                model.last_alignment = prepared.alignment
         model.train_config = TrainConfig.from_dict(meta["train_config"])
         model.module.train_config = model.train_config
-        state = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        model.module.model.load_state_dict(state)
+        _load_weights(model.module.model, state, path / WEIGHTS_FILE)
         model.is_trained = bool(meta.get("is_trained", True))
         if (path / HISTORY_FILE).exists():
             model.history = pd.read_csv(path / HISTORY_FILE)
@@ -496,7 +575,7 @@ class ScPerceiverModel(AutoencoderModel):
     def train(self, *, train_config: TrainConfig | None = None, **kwargs: Any) -> ScPerceiverModel:
         """As :meth:`AutoencoderModel.train`; ``epochs`` defaults to :func:`perceiver_epochs`."""
         if train_config is None and "epochs" not in kwargs:
-            data = self.adata
+            data = self._bound_data("to train it")
             n = int((data.obs[K.SPLIT] == "train").sum()) if K.SPLIT in data.obs else data.n_obs
             kwargs["epochs"] = perceiver_epochs(n)
         return super().train(train_config=train_config, **kwargs)
@@ -513,8 +592,84 @@ def _counts(adata: ad.AnnData, layer: str | None):
     return adata.X if layer is None else adata.layers[layer]
 
 
-def _source(layer: str | None) -> str:
-    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+def _training_cells(data: ad.AnnData) -> int:
+    """The number of cells in the train split; fewer than two is an error."""
+    n_train = int((data.obs[K.SPLIT].astype(str) == "train").sum())
+    if n_train < 2:
+        raise CountDataError(
+            f"adata.obs[{K.SPLIT!r}] has {n_train} 'train' cells; training needs at least 2 "
+            "(a minibatch of one cell stops batch normalisation). Assign more cells to "
+            f"'train', or delete obs[{K.SPLIT!r}] to have a stratified split made."
+        )
+    return n_train
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); save the model again.") from None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` in ``path``, read without unpickling anything but tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # PyTorch's own message suggests unpickling the file: never do that with a model file
+        raise ValueError(
+            f"{path} holds pickled Python objects, not a plain state_dict of tensors, and is "
+            "refused: unpickling a file can run arbitrary code. Save the model again with "
+            "save() (it writes tensors only) from a copy you trust."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable weights file (truncated or corrupt: {err}). Save the "
+            "model again."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state_dict of tensors; save the model again.")
+    return state
+
+
+def _load_weights(network: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``network.load_state_dict(state)``, after checking names and shapes against the config."""
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        details = [
+            f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+            f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the configuration makes it "
+            f"{tuple(expected[wrong[0]].shape)}"
+            if wrong
+            else "",
+        ]
+        raise ValueError(
+            f"{path} does not fit the saved configuration: {'; '.join(d for d in details if d)}. "
+            "The files come from different models; save the model again."
+        )
+    network.load_state_dict(state)
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """Rename the complete directory ``staging`` to ``path``, keeping what else ``path`` holds.
+
+    An existing ``path`` is first renamed aside, so at every moment ``path`` is either the old
+    model, absent, or the new one; entries other than :data:`MODEL_FILES` then move over.
+    """
+    if not path.exists():
+        staging.rename(path)
+        return
+    old = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:8]}")
+    path.rename(old)
+    staging.rename(path)
+    for entry in old.iterdir():
+        if entry.name not in MODEL_FILES:
+            entry.rename(path / entry.name)
+    shutil.rmtree(old)
 
 
 def _with_split(adata: ad.AnnData, layer: str | None, *, store: bool, seed: int) -> ad.AnnData:
@@ -526,18 +681,26 @@ def _with_split(adata: ad.AnnData, layer: str | None, *, store: bool, seed: int)
         values = set(adata.obs[K.SPLIT].astype(str).unique())
         if not values <= set(K.SPLITS):
             raise ValueError(
-                f"adata.obs[{K.SPLIT!r}] holds {sorted(values)}, expected values from {K.SPLITS}"
+                f"adata.obs[{K.SPLIT!r}] holds {sorted(values)}, expected values from {K.SPLITS}; "
+                "fix the column, or delete it to have a stratified split made"
             )
         if layer is None:
             return adata
         return ad.AnnData(X=adata.layers[layer], obs=adata.obs[[K.SPLIT]].copy())
     labels = adata.obs[K.CELL_TYPE].to_numpy() if K.CELL_TYPE in adata.obs else None
+    n_missing = int(pd.isna(labels).sum()) if labels is not None else 0
+    if n_missing:
+        warnings.warn(
+            f"adata.obs[{K.CELL_TYPE!r}] has {n_missing} missing labels; the split made here "
+            "keeps those cells together as one more label",
+            stacklevel=3,
+        )
     split = pd.Categorical(stratified_split(labels, adata.n_obs, seed=seed), categories=K.SPLITS)
     if store:
         adata.obs[K.SPLIT] = split
     obs = pd.DataFrame({K.SPLIT: split}, index=adata.obs_names.copy())
     if K.CELL_TYPE in adata.obs:
-        obs[K.CELL_TYPE] = pd.Categorical(adata.obs[K.CELL_TYPE].to_numpy())
+        obs[K.CELL_TYPE] = adata.obs[K.CELL_TYPE].to_numpy()  # any dtype: label_codes reads it
     return ad.AnnData(X=_counts(adata, layer), obs=obs)
 
 

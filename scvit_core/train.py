@@ -608,6 +608,9 @@ def fit(
         warnings.filterwarnings("ignore", ".*`training_step` returned `None`.*")
         # Lightning's own use of a torch API that torch 2.14 deprecates; nothing to act on here
         warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
+        # Lightning keeps the modules' modes as it finds them, and a query of the model leaves
+        # them in evaluation mode (no dropout, frozen batch statistics).
+        module.train()
         trainer.fit(
             module,
             train_dataloaders=train_loader,

@@ -98,9 +98,9 @@ def align_genes(
     Returns
     -------
     aligned
-        A new AnnData: ``X`` sparse CSR (dtype kept), ``obs`` copied, ``var_names`` equal to
-        ``reference``, ``var["present"]`` False for zero-filled genes, and the report in
-        ``uns["scvit"]["gene_alignment"]``.
+        A new AnnData: ``X`` sparse CSR (dtype kept; float16 becomes float32), ``obs`` copied,
+        ``var_names`` equal to ``reference``, ``var["present"]`` False for zero-filled genes,
+        and the report in ``uns["scvit"]["gene_alignment"]``.
     report
         A :class:`GeneAlignment`; ``print(report)`` gives a one-line summary.
     """
@@ -138,7 +138,9 @@ def align_genes(
     if adata.isbacked and layer is None:
         X = X[:]  # alignment builds a new matrix, so a backed X is read into memory here
     if not sp.issparse(X):
-        X = sp.csr_matrix(np.asarray(X))
+        X = np.asarray(X)
+        # scipy.sparse has no float16; float32 holds every float16 value exactly
+        X = sp.csr_matrix(X.astype(np.float32) if X.dtype == np.float16 else X)
     # A 0/1 selection matrix moves column position[r] to column r and leaves missing
     # columns empty; the product stays sparse and keeps integer dtypes.
     selector = sp.csr_matrix(

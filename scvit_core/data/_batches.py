@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
@@ -21,7 +22,7 @@ class CountBatches(Dataset):
 
     Each item is a dict: ``"counts"`` (B, genes) float32, ``"index"`` (B,) int64 row
     numbers into ``adata``, and ``"label"`` (B,) int64 codes of ``obs["cell_type"]``
-    (-1 where the data have no labels).
+    (:func:`label_codes`: -1 where a cell or the data have no label).
     """
 
     def __init__(self, adata: ad.AnnData, *, split: str | None = None, layer: str | None = None):
@@ -38,10 +39,7 @@ class CountBatches(Dataset):
             if split is not None
             else np.arange(adata.n_obs)
         )
-        if K.CELL_TYPE in adata.obs:
-            self.labels = adata.obs[K.CELL_TYPE].cat.codes.to_numpy().astype(np.int64)
-        else:
-            self.labels = np.full(adata.n_obs, -1, dtype=np.int64)
+        self.labels = label_codes(adata.obs)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,6 +53,20 @@ class CountBatches(Dataset):
             "index": torch.from_numpy(rows.astype(np.int64)),
             "label": torch.from_numpy(self.labels[rows]),
         }
+
+
+def label_codes(obs: pd.DataFrame) -> np.ndarray:
+    """Integer codes ``(cells,)`` of ``obs["cell_type"]`` of any dtype, -1 where it is missing.
+
+    Labels are optional: strings, integers and categories all work (codes follow the labels
+    sorted as strings, or a categorical's own order), and data without the column get -1.
+    """
+    if K.CELL_TYPE not in obs:
+        return np.full(len(obs), -1, dtype=np.int64)
+    labels = obs[K.CELL_TYPE]
+    if not isinstance(labels.dtype, pd.CategoricalDtype):
+        labels = labels.where(labels.isna(), labels.astype(str))  # mixed types sort as strings
+    return pd.Categorical(labels).codes.astype(np.int64)
 
 
 def count_dataloader(

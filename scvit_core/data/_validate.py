@@ -120,9 +120,9 @@ def validate_counts(
     if empty.any() and not allow_empty_cells:
         raise CountDataError(
             f"{source} has {int(empty.sum())} cells whose counts are all zero; they carry "
-            "no information and break library-size normalisation. Pass empty_cells='drop' "
-            "to remove them (the number dropped is recorded in adata.uns), or filter them "
-            "first with scanpy.pp.filter_cells(adata, min_counts=1)."
+            "no information and break library-size normalisation. Filter them first with "
+            "scanpy.pp.filter_cells(adata, min_counts=1), or load the data with "
+            "load_dataset(..., empty_cells='drop') (the number dropped is recorded in adata.uns)."
         )
     return CountSummary(n_cells, n_genes, n_nonzero, total, int(empty.sum()), empty)
 
