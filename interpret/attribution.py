@@ -447,8 +447,16 @@ def attribute(
         raise ValueError(f"{method} attributes to a layer; pass layer=...")
     model = prepare(target_model, safe=safe)
     x = _as_tensor(x)
+    _check_cells(x, "x")
     args = tuple(_as_tensor(a) for a in (additional_forward_args or ()))
+    for i, a in enumerate(args):
+        if a.shape[:1] != x.shape[:1]:
+            raise ValueError(
+                f"additional_forward_args[{i}] has {a.shape[0] if a.ndim else 0} rows, x has "
+                f"{len(x)} cells; pass one row per cell"
+            )
     refs = _references(method, x, baselines)
+    _check_cells(refs, "baselines", features=x.shape[1])
     targets = _resolve_targets(model, x, target, args)
     if layer is not None:
         _check_layer_runs(model, layer, x, args)
@@ -528,6 +536,22 @@ def _as_tensor(a: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(a, dtype=np.float32))
 
 
+def _check_cells(a: torch.Tensor, name: str, *, features: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``a`` is a finite ``(cells >= 1, features)`` matrix."""
+    if a.ndim != 2 or a.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be (cells, features) with at least one cell, got shape {tuple(a.shape)}"
+        )
+    if features is not None and a.shape[1] != features:
+        raise ValueError(f"{name} has {a.shape[1]} features per cell, x has {features}")
+    n_bad = int((~torch.isfinite(a)).sum())
+    if n_bad:
+        raise ValueError(
+            f"{name} holds {n_bad} NaN or infinite values; attributions need finite inputs "
+            "(the model's input of raw counts: scvit_core.train.transform_input)"
+        )
+
+
 def _references(method: str, x: torch.Tensor, baselines) -> torch.Tensor:
     if method in BACKGROUND_METHODS:
         if baselines is None or len(baselines) < 2:
@@ -536,7 +560,12 @@ def _references(method: str, x: torch.Tensor, baselines) -> torch.Tensor:
     if baselines is None:
         return torch.zeros_like(x)
     refs = _as_tensor(baselines)
-    return refs.expand_as(x).contiguous() if refs.shape[0] == 1 else refs
+    if refs.ndim == 2 and refs.shape[0] not in (1, len(x)):
+        raise ValueError(
+            f"baselines has {refs.shape[0]} rows for {len(x)} cells; pass one reference for "
+            "all cells (1, features) or one per cell (cells, features)"
+        )
+    return refs.expand_as(x).contiguous() if refs.ndim == 2 and refs.shape[0] == 1 else refs
 
 
 @torch.no_grad()
@@ -569,10 +598,23 @@ def _check_layer_runs(model: nn.Module, layer: str, x: torch.Tensor, args: tuple
 
 
 def _resolve_targets(model, x, target, args) -> np.ndarray:
+    try:  # one cell first: an input the model cannot take fails here, with a clear message
+        n_outputs = _outputs(model, x[:1], tuple(a[:1] for a in args)).shape[1]
+    except RuntimeError as err:
+        raise ValueError(
+            f"the target model cannot take x of shape {tuple(x.shape)} ({err}); pass its "
+            "inputs, (cells, genes) in the model's input units"
+        ) from None
     if target is None:
         return _outputs(model, x, args).argmax(1).numpy()
     t = np.asarray(target, dtype=np.int64)
-    return np.full(len(x), int(t)) if t.ndim == 0 else t
+    t = np.full(len(x), int(t)) if t.ndim == 0 else t
+    if t.shape != (len(x),) or t.min() < 0 or t.max() >= n_outputs:
+        raise ValueError(
+            f"target must be an output index in [0, {n_outputs}), one for all cells or one per "
+            f"cell ({len(x)}), or None; got {target!r}"
+        )
+    return t
 
 
 def _background_outputs(model, background, targets, args) -> np.ndarray:

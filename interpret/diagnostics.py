@@ -57,7 +57,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from scvit_core import _constants as K
-from scvit_core.data import align_genes, count_dataloader, stratified_subsample, validate_counts
+from scvit_core.data import check_labels, count_dataloader, prepare_counts, stratified_subsample
 from scvit_core.likelihood import nll
 from scvit_core.model import Attention, AttentionSite, AutoencoderOutput
 from scvit_core.train import transform_input
@@ -143,10 +143,12 @@ def diagnostic_inputs(
 ) -> DiagnosticInputs:
     """Inputs, counts, library sizes, labels and split of an AnnData for a trained model.
 
-    Uses the code paths of :class:`~scvit_core.api.ScViTModel`: genes are aligned to the
-    model's gene list (reported in a warning), counts are validated and read with
+    Uses the code paths of :class:`~scvit_core.api.ScViTModel`: the data are checked and their
+    genes aligned to the model's gene list (reported in a warning) by
+    :func:`~scvit_core.data.prepare_counts`, counts are read with
     :func:`~scvit_core.count_dataloader`, and the input is
-    :func:`scvit_core.train.transform_input` with the model's saved input transform.
+    :func:`scvit_core.train.transform_input` with the model's saved input transform. Labels
+    are optional; present ones must have no missing values.
 
     Parameters
     ----------
@@ -168,13 +170,17 @@ def diagnostic_inputs(
     DiagnosticInputs
     """
     target = model.adata if adata is None else adata
+    if target is None:
+        raise ValueError("the model was loaded without data; pass adata=")
     layer = getattr(model, "layer", None) if target is model.adata else None
     genes = getattr(model, "genes", None)
     genes = [str(g) for g in model.adata.var_names] if genes is None else list(genes)
-    if [str(g) for g in target.var_names] != genes:
-        target, report = align_genes(target, genes, layer=layer)
-        layer = None
-        warnings.warn(f"data aligned to the model's genes: {report}", stacklevel=2)
+    prepared = prepare_counts(target, genes, layer=layer)
+    if prepared.alignment is not None:
+        warnings.warn(f"data aligned to the model's genes: {prepared.alignment}", stacklevel=2)
+    target = prepared.adata  # raw counts in X, in the model's gene order
+    if label_key in target.obs:
+        check_labels(target.obs, label_key)
     if max_cells is not None and target.n_obs > max_cells:
         strata = (
             target.obs[label_key].to_numpy()
@@ -182,9 +188,7 @@ def diagnostic_inputs(
             else np.zeros(target.n_obs, dtype=int)
         )
         target = target[stratified_subsample(strata, max_cells, seed=seed)].copy()
-    X = target.X if layer is None else target.layers[layer]
-    validate_counts(X, require_integer=True, allow_empty_cells=True)
-    loader = count_dataloader(target, batch_size=1024, layer=layer)  # sequential: data order
+    loader = count_dataloader(target, batch_size=1024)  # sequential: data order
     counts = torch.cat([batch["counts"] for batch in loader])  # (cells, genes)
     transform = model.train_config.input_transform
     obs = target.obs

@@ -374,18 +374,17 @@ def diagnose(
 def untrained_like(model, *, seed: int = 0):
     """The API model's network with its initial (random) weights, for the untrained probes.
 
-    Built as the trained model was, from its AnnData, configuration and input transform with
-    ``seed``: :func:`scvit_core.baselines.untrained_scvit` for a
-    :class:`~scvit_core.api.ScViTModel`, ``type(model)(adata, config, seed=,
-    input_transform=)`` for any other API class.
+    Built as the trained model was, from its configuration and input transform with ``seed``:
+    :meth:`~scvit_core.api.AutoencoderModel.untrained` for an API model (the weights of
+    :func:`scvit_core.baselines.untrained_scvit` for scViT; no data needed, so a model loaded
+    without data works too), ``type(model)(adata, config, seed=, input_transform=)`` for any
+    other class.
     """
-    from scvit_core.api import ScViTModel
+    from scvit_core.api import AutoencoderModel
 
+    if isinstance(model, AutoencoderModel):
+        return model.untrained(seed=seed)
     kwargs = dict(seed=seed, input_transform=model.train_config.input_transform)
-    if isinstance(model, ScViTModel):
-        from scvit_core.baselines import untrained_scvit
-
-        return untrained_scvit(model.adata, model.config, **kwargs)
     return type(model)(model.adata, model.config, **kwargs)
 
 

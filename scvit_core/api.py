@@ -18,6 +18,7 @@ list with :func:`scvit_core.align_genes` and the change is reported as a warning
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import shutil
@@ -266,6 +267,20 @@ class AutoencoderModel:
         train = data.X[np.flatnonzero(data.obs[K.SPLIT].to_numpy() == "train")]
         library = float(np.median(np.asarray(train.sum(1)).ravel()))
         init(torch.as_tensor(null.gene_param), torch.as_tensor(null.theta), library)
+
+    def untrained(self, *, seed: int = 0) -> AutoencoderModel:
+        """A copy of this model with initial weights drawn with ``seed``, never trained.
+
+        The null model of latent readouts: with the trained model's seed both start from the
+        same weights (those of a new model built with that seed). The copy shares the data,
+        configuration and input transform.
+        """
+        other = copy.copy(self)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            other.module = AutoencoderLightning(self.config, self.train_config)
+        other.history, other.train_result, other.is_trained = history_frame([]), None, False
+        return other
 
     # inference -----------------------------------------------------------------------------
 

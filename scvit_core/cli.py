@@ -3,6 +3,7 @@
 ::
 
     scvit train zeisel2015 --epochs 10 --out runs/zeisel
+    scvit train zeisel2015 --epochs 10 --out runs/zeisel --resume   # after a crash
     scvit train zeisel2015 --model perceiver --out runs/zeisel-perceiver
     scvit embed runs/zeisel zeisel2015 --out latent.h5ad
     scvit evaluate runs/zeisel zeisel2015
@@ -72,10 +73,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "model.pt").exists() and not args.overwrite:
         raise FileExistsError(f"{out} already holds a model; pass --overwrite")
+    checkpoint = out / "training" / "checkpoints" / "last.ckpt"
+    if args.resume and not checkpoint.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {checkpoint}; run without --resume")
     adata = _load(args.data, layer=args.layer, max_cells=args.max_cells, seed=args.seed)
     config = _config(args, adata.n_vars)
     model = MODEL_CLASSES[args.model](adata, config, seed=args.seed)
     print(model, file=sys.stderr)
+    if args.resume:
+        print(f"resuming from {checkpoint}", file=sys.stderr)
     # options left unset keep the model's own defaults (scViT: the reference code's)
     given = dict(
         epochs=args.epochs,
@@ -92,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         enable_progress_bar=not args.no_progress,
         output_dir=out / "training",
+        ckpt_path=checkpoint if args.resume else None,
     )
     model.save(out, overwrite=args.overwrite)
     print(model.history.to_string(index=False), file=sys.stderr)
@@ -191,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("data", help="dataset name (e.g. zeisel2015) or path to an .h5ad file")
     train.add_argument("--out", required=True, help="model directory to write")
     train.add_argument("--overwrite", action="store_true")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last checkpoint (same options)",
+    )
     train.add_argument("--layer", default=None, help="layer with the raw counts (default X)")
     train.add_argument("--max-cells", type=int, default=None, help="stratified subsample")
     train.add_argument(

@@ -145,3 +145,328 @@ def test_load_refuses_a_pickled_payload_with_its_own_message(trained, tmp_path):
     with pytest.raises(ValueError, match="pickled Python objects") as info:
         ScViTModel.load(path, counts_adata())
     assert "weights_only" not in str(info.value)
+
+
+# --- one validation path: every form of data works or fails clearly ------------------------
+
+
+def _backed(adata: ad.AnnData, tmp_path) -> ad.AnnData:
+    path = tmp_path / "backed.h5ad"
+    adata.write_h5ad(path)
+    return ad.read_h5ad(path, backed="r")
+
+
+def _form(name: str, tmp_path) -> ad.AnnData:
+    """:func:`counts_adata` in one of the forms a user may hold it."""
+    adata = counts_adata()
+    dense = adata.X.toarray()
+    if name == "dense int64":
+        adata.X = dense.astype(np.int64)
+    elif name == "sparse int64":
+        adata.X = sp.csr_matrix(dense.astype(np.int64))
+    elif name == "dense float16":
+        adata.X = dense.astype(np.float16)
+    elif name == "sparse float32 csc":
+        adata.X = sp.csc_matrix(dense.astype(np.float32))
+    elif name == "view":
+        return adata[adata.obs[K.CELL_TYPE] != "c"]
+    elif name == "backed":
+        return _backed(adata, tmp_path)
+    elif name == "duplicated cell names":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # anndata's "obs_names not unique"
+            adata.obs_names = ["same"] * N_CELLS
+    elif name == "all-zero genes":
+        dense[:, 5:10] = 0
+        adata.X = sp.csr_matrix(dense)
+    elif name == "single cell":
+        return adata[:1].copy()
+    elif name == "missing labels":
+        adata.obs[K.CELL_TYPE] = adata.obs[K.CELL_TYPE].where(np.arange(N_CELLS) % 7 > 0)
+    return adata
+
+
+FORMS = [
+    "dense int64",
+    "sparse int64",
+    "dense float16",
+    "sparse float32 csc",
+    "view",
+    "backed",
+    "duplicated cell names",
+    "all-zero genes",
+    "single cell",
+    "missing labels",
+]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_queries_work_on_every_form_and_leave_it_untouched(trained, form, tmp_path):
+    adata = _form(form, tmp_path)
+    before = fingerprint(adata)
+    reference = trained.get_latent_representation(_form("dense int64", tmp_path))
+    z = trained.get_latent_representation(adata)
+    nll = trained.get_reconstruction_error(adata, return_mean=False)["reconstruction_loss"]
+    assert z.shape == (adata.n_obs, trained.config.n_latent) and np.isfinite(z).all()
+    assert nll.shape == (adata.n_obs,) and np.isfinite(nll).all()
+    if form in ("dense int64", "sparse int64", "dense float16", "sparse float32 csc", "backed"):
+        np.testing.assert_allclose(z, reference, rtol=1e-5, atol=1e-6)  # the same counts
+    assert fingerprint(adata) == before
+
+
+@pytest.mark.parametrize("form", [f for f in FORMS if f != "single cell"])
+@pytest.mark.parametrize("cls", [ScViTModel, ScPerceiverModel])
+def test_training_works_on_every_form_and_leaves_it_untouched(cls, form, tmp_path):
+    adata = _form(form, tmp_path)
+    before = fingerprint(adata)
+    config = scvit_config() if cls is ScViTModel else perceiver_config()
+    model = cls(adata, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train(epochs=1, batch_size=16, output_dir=tmp_path / "run", **QUIET)
+    assert np.isfinite(model.history["train_loss"]).all()
+    if form == "missing labels":
+        assert any("9 missing labels" in str(w.message) for w in caught)
+    assert fingerprint(adata) == before
+
+
+def test_single_gene_trains_and_embeds(tmp_path):
+    adata = counts_adata()[:, :1].copy()
+    for cls in (ScViTModel, ScPerceiverModel):
+        model = cls(adata).train(
+            epochs=1, batch_size=16, output_dir=tmp_path / cls.__name__, **QUIET
+        )
+        assert np.isfinite(model.get_latent_representation()).all()
+
+
+def _defect(name: str) -> tuple[ad.AnnData, dict]:
+    """:func:`counts_adata` with one defect, and the keyword arguments that expose it."""
+    adata = counts_adata()
+    dense = adata.X.toarray().astype(np.float32)
+    kwargs: dict = {}
+    if name == "negative":
+        dense[3, 4] = -1
+    elif name == "non-integer":
+        dense = np.log1p(dense)
+    elif name == "NaN":
+        dense[3, 4] = np.nan
+    elif name == "infinite":
+        dense[3, 4] = np.inf
+    elif name == "empty cell":
+        dense[3] = 0
+    elif name == "duplicated genes":
+        adata.var_names = ["G00", *adata.var_names[:-1]]
+    elif name == "missing layer":
+        kwargs["layer"] = "counts"
+    adata.X = sp.csr_matrix(dense) if name != "NaN" else dense
+    return adata, kwargs
+
+
+DEFECTS = {
+    "negative": "negative values",
+    "non-integer": "non-integer values.*raw counts",
+    "NaN": "NaN or infinite",
+    "infinite": "NaN or infinite",
+    "empty cell": "counts are all zero.*filter_cells",
+    "duplicated genes": "duplicated gene names.*var_names_make_unique",
+    "missing layer": "no layer 'counts'",
+}
+
+
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_defects_are_refused_at_every_entry_point(trained, defect, tmp_path):
+    saved = trained.save(tmp_path / "model")
+    entry_points = {
+        "train": lambda a, kw: ScViTModel(a, scvit_config(), **kw).train(epochs=1, **QUIET),
+        "latent": lambda a, kw: trained.get_latent_representation(a, **kw),
+        "reconstruction": lambda a, kw: trained.get_reconstruction_error(a, **kw),
+        "load": lambda a, kw: ScViTModel.load(saved, a),
+    }
+    for name, call in entry_points.items():
+        adata, kwargs = _defect(defect)
+        if defect == "missing layer" and name == "load":
+            continue  # load binds the saved layer only where the data have it
+        if defect == "empty cell" and name != "train":
+            continue  # predicting on an empty cell is fine (tested above); training is not
+        before = fingerprint(adata)
+        with pytest.raises(CountDataError, match=DEFECTS[defect]):
+            call(adata, kwargs)
+        assert fingerprint(adata) == before, name
+
+
+@pytest.mark.parametrize("cls", [ScViTModel, ScPerceiverModel])
+def test_not_an_anndata_is_refused(cls):
+    with pytest.raises(CountDataError, match="expected an AnnData.*anndata.AnnData"):
+        cls(np.ones((5, 3)))
+
+
+def test_layer_with_counts_is_read_everywhere(trained):
+    adata = counts_adata(labels="category")
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()).astype(np.float32))
+    before = fingerprint(adata)
+    z = trained.get_latent_representation(adata, layer="counts")
+    np.testing.assert_array_equal(z, trained.get_latent_representation(counts_adata()))
+    error = trained.get_reconstruction_error(adata, layer="counts")["reconstruction_loss"]
+    assert error == trained.get_reconstruction_error(counts_adata())["reconstruction_loss"]
+    assert fingerprint(adata) == before
+
+
+def test_gene_mismatch_is_aligned_above_a_minimum_overlap(trained):
+    adata = counts_adata()
+    z = trained.get_latent_representation(adata)
+    permuted = adata[:, np.random.default_rng(1).permutation(N_GENES)].copy()
+    with pytest.warns(UserWarning, match="30 matched \\(reordered\\)"):
+        np.testing.assert_array_equal(trained.get_latent_representation(permuted), z)
+    superset = ad.concat([adata, counts_adata(seed=2)], axis=1)  # 30 more genes, renamed
+    superset.var_names = [*adata.var_names, *(f"X{j}" for j in range(N_GENES))]
+    with pytest.warns(UserWarning, match="0 missing .* 30 extra"):
+        np.testing.assert_array_equal(trained.get_latent_representation(superset), z)
+    half = adata[:, :15].copy()  # exactly the minimum overlap (50% of the model's genes)
+    with pytest.warns(UserWarning, match="15 missing \\(zero-filled\\)"):
+        trained.get_latent_representation(half)
+    assert trained.last_alignment.n_missing == 15
+    with pytest.raises(CountDataError, match="only 14 of 30 reference genes .*need 15"):
+        trained.get_latent_representation(adata[:, :14].copy())
+
+
+def test_training_split_without_cells_is_an_error(tmp_path):
+    adata = counts_adata()
+    adata.obs[K.SPLIT] = "validation"
+    with pytest.raises(CountDataError, match="0 'train' cells"):
+        ScViTModel(adata, scvit_config()).train(epochs=1, **QUIET)
+    adata.obs[K.SPLIT] = ["train", *["validation"] * (N_CELLS - 1)]
+    with pytest.raises(CountDataError, match="1 'train' cells; training needs at least 2"):
+        ScPerceiverModel(adata, perceiver_config()).train(epochs=1, **QUIET)
+    # 17 training cells in batches of 16: the last batch of one cell is dropped, not fatal
+    adata.obs[K.SPLIT] = ["train"] * 17 + ["validation"] * (N_CELLS - 17)
+    model = ScViTModel(adata, scvit_config())
+    model.train(epochs=1, batch_size=16, output_dir=tmp_path, **QUIET)
+    assert np.isfinite(model.history["train_loss"]).all()
+    with pytest.raises(ValueError, match="no 'test' cells"):
+        model.get_latent_representation(split="test")
+    with pytest.raises(ValueError, match="split must be one of"):
+        model.get_reconstruction_error(split="testing")
+
+
+def test_training_after_a_query_trains_in_training_mode(tmp_path):
+    model = ScViTModel(counts_adata(), scvit_config())
+    model.get_latent_representation()  # leaves the network in evaluation mode
+    modes = []
+    hook = model.model.register_forward_pre_hook(lambda m, _: modes.append(m.training))
+    model.train(epochs=1, batch_size=16, output_dir=tmp_path, **QUIET)
+    hook.remove()
+    assert True in modes  # training batches ran in training mode (validation ones did not)
+
+
+# --- files: atomic save, checked load --------------------------------------------------------
+
+
+def _tree_hash(path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_save_is_atomic(trained, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    target = tmp_path / "model"
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", crash)
+        with pytest.raises(OSError, match="disk full"):
+            trained.save(target)
+    assert not target.exists() and not list(tmp_path.iterdir())  # nothing half-written
+    trained.save(target)
+    (target / "diagnosis").mkdir()
+    (target / "diagnosis" / "report.json").write_text("{}")
+    before = _tree_hash(target)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", crash)
+        with pytest.raises(OSError, match="disk full"):
+            trained.save(target, overwrite=True)
+    assert _tree_hash(target) == before  # the old model is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    ScViTModel.load(target)
+    trained.save(target, overwrite=True)  # other entries of the directory are kept
+    assert (target / "diagnosis" / "report.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _corrupt(path, how: str) -> None:
+    if how == "missing genes":
+        (path / "genes.txt").unlink()
+    elif how == "gene count":
+        genes = (path / "genes.txt").read_text().splitlines()
+        (path / "genes.txt").write_text("\n".join(genes[:-1]) + "\n")
+    elif how == "duplicated genes":
+        genes = (path / "genes.txt").read_text().splitlines()
+        (path / "genes.txt").write_text("\n".join([genes[0], *genes[:-1]]) + "\n")
+    elif how == "weights shape":
+        state = torch.load(path / "model.pt", weights_only=True)
+        name = next(k for k, v in state.items() if v.ndim == 2)
+        state[name] = state[name][:, :-1]
+        torch.save(state, path / "model.pt")
+    elif how == "missing weight":
+        state = torch.load(path / "model.pt", weights_only=True)
+        state.pop(next(iter(state)))
+        torch.save(state, path / "model.pt")
+    elif how == "truncated weights":
+        data = (path / "model.pt").read_bytes()
+        (path / "model.pt").write_bytes(data[: len(data) // 2])
+    elif how == "not json":
+        (path / "config.json").write_text("{not json")
+    elif how == "not a config":
+        (path / "config.json").write_text('{"architecture": "scvit", "n_gens": 30}')
+    elif how == "pickled weights":
+        torch.save(pd.Series([1.0]), path / "model.pt")
+
+
+TAMPERED = {
+    "missing genes": (FileNotFoundError, "is incomplete \\(genes.txt missing\\)"),
+    "gene count": (ValueError, "lists 29 genes but config.json has n_genes=30"),
+    "duplicated genes": (CountDataError, "duplicated gene names"),
+    "weights shape": (ValueError, "does not fit the saved configuration.*is \\("),
+    "missing weight": (ValueError, "does not fit the saved configuration: 1 missing"),
+    "truncated weights": (ValueError, "truncated or corrupt"),
+    "not json": (ValueError, "config.json is not valid JSON"),
+    "not a config": (ValueError, "config.json is not a valid configuration"),
+    "pickled weights": (ValueError, "pickled Python objects.*refused"),
+}
+
+
+@pytest.mark.parametrize("how", list(TAMPERED))
+def test_load_refuses_tampered_files(trained, how, tmp_path):
+    path = trained.save(tmp_path / "model")
+    _corrupt(path, how)
+    before = _tree_hash(path)
+    error, message = TAMPERED[how]
+    for adata in (None, counts_adata()):
+        with pytest.raises(error, match=message) as info:
+            ScViTModel.load(path, adata)
+        assert "weights_only" not in str(info.value)
+    assert _tree_hash(path) == before
+    with pytest.raises(FileNotFoundError, match="holds no saved model"):
+        ScViTModel.load(tmp_path / "nowhere")
+
+
+def test_model_loaded_without_data_needs_adata(trained, tmp_path):
+    from interpret.report import untrained_like
+
+    model = ScViTModel.load(trained.save(tmp_path / "model"))
+    for call in (model.get_latent_representation, model.get_reconstruction_error):
+        with pytest.raises(ValueError, match="loaded without data; pass adata="):
+            call()
+    with pytest.raises(ValueError, match="loaded without data.*load\\(path, adata\\)"):
+        model.train(epochs=1)
+    adata = counts_adata()
+    np.testing.assert_array_equal(
+        model.get_latent_representation(adata), trained.get_latent_representation(adata)
+    )
+    # the untrained network of a diagnosis needs no data: the weights a new model starts from
+    fresh = ScViTModel(adata, trained.config, seed=3).model.state_dict()
+    for name, value in untrained_like(model, seed=3).model.state_dict().items():
+        torch.testing.assert_close(value, fresh[name], rtol=0, atol=0)
