@@ -456,7 +456,6 @@ def attribute(
                 f"{len(x)} cells; pass one row per cell"
             )
     refs = _references(method, x, baselines)
-    _check_cells(refs, "baselines", features=x.shape[1])
     targets = _resolve_targets(model, x, target, args)
     if layer is not None:
         _check_layer_runs(model, layer, x, args)
@@ -556,16 +555,19 @@ def _references(method: str, x: torch.Tensor, baselines) -> torch.Tensor:
     if method in BACKGROUND_METHODS:
         if baselines is None or len(baselines) < 2:
             raise ValueError(f"{method} needs a background sample: baselines=(n >= 2, features)")
-        return _as_tensor(baselines)
+        refs = _as_tensor(baselines)
+        _check_cells(refs, "baselines", features=x.shape[1])
+        return refs
     if baselines is None:
         return torch.zeros_like(x)
     refs = _as_tensor(baselines)
-    if refs.ndim == 2 and refs.shape[0] not in (1, len(x)):
+    _check_cells(refs, "baselines", features=x.shape[1])
+    if refs.shape[0] not in (1, len(x)):
         raise ValueError(
             f"baselines has {refs.shape[0]} rows for {len(x)} cells; pass one reference for "
             "all cells (1, features) or one per cell (cells, features)"
         )
-    return refs.expand_as(x).contiguous() if refs.ndim == 2 and refs.shape[0] == 1 else refs
+    return refs.expand_as(x).contiguous() if refs.shape[0] == 1 else refs
 
 
 @torch.no_grad()

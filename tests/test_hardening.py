@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -27,6 +28,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
 
 N_CELLS, N_GENES = 60, 30
+ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(enable_progress_bar=False)
 
 
@@ -470,3 +472,223 @@ def test_model_loaded_without_data_needs_adata(trained, tmp_path):
     fresh = ScViTModel(adata, trained.config, seed=3).model.state_dict()
     for name, value in untrained_like(model, seed=3).model.state_dict().items():
         torch.testing.assert_close(value, fresh[name], rtol=0, atol=0)
+
+
+# --- the command line: every subcommand, bad input, NaN, SIGKILL and resume -----------------
+
+
+@pytest.fixture
+def h5ad(tmp_path):
+    """:func:`counts_adata` written to a file (labels and split stored)."""
+    path = tmp_path / "tiny.h5ad"
+    adata = counts_adata(labels="category")
+    adata.write_h5ad(path)
+    return path
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    from scvit_core.cli import main
+
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+CLI_TRAIN = ("--preset", "small", "--epochs", "1", "--batch-size", "16", "--no-progress")
+
+
+def test_every_subcommand_refuses_bad_input_in_one_line(h5ad, tmp_path, capsys):
+    bad = tmp_path / "normalised.h5ad"
+    adata = counts_adata()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()).astype(np.float32))
+    adata.write_h5ad(bad)
+    model = tmp_path / "model"
+    assert _cli(capsys, "train", h5ad, "--out", model, *CLI_TRAIN)[0] == 0
+    files = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in (bad, h5ad)}
+    pickled = tmp_path / "pickled"
+    ScViTModel.load(model).save(pickled)
+    torch.save(pd.Series([1.0]), pickled / "model.pt")
+    cases = [
+        (("train", bad, "--out", tmp_path / "m2", *CLI_TRAIN), "non-integer values"),
+        (("train", h5ad, "--out", model, *CLI_TRAIN), "already holds a model"),
+        (("train", h5ad, "--out", tmp_path / "m3", "--resume", *CLI_TRAIN), "no checkpoint"),
+        (("embed", model, bad, "--out", tmp_path / "z.npy"), "non-integer values"),
+        (("embed", model, h5ad, "--out", h5ad, "--overwrite"), "is the input file"),
+        (("evaluate", model, bad), "non-integer values"),
+        (("evaluate", pickled, h5ad), "pickled Python objects"),
+        (("evaluate", tmp_path / "nowhere", h5ad), "holds no saved model"),
+        (("diagnose", model, bad, "--out", tmp_path / "d"), "non-integer values"),
+        (("diagnose", pickled, h5ad, "--out", tmp_path / "d"), "pickled Python objects"),
+    ]
+    for args, phrase in cases:
+        status, _, err = _cli(capsys, *args)
+        last = err.strip().splitlines()[-1]
+        assert status == 2 and last.startswith("error: ") and phrase in last, (args, err)
+        assert "Traceback" not in err and "weights_only" not in err
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in files} == files
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "z.npy").exists()
+
+
+def test_cli_nan_loss_exits_1_and_keeps_the_last_good_checkpoint(
+    h5ad, tmp_path, capsys, monkeypatch
+):
+    from scvit_core import train as T
+
+    per_cell_nll, calls = T.per_cell_nll, []
+
+    def poisoned(model, counts, **kwargs):
+        loss, out = per_cell_nll(model, counts, **kwargs)
+        if model.training:
+            calls.append(1)
+            if len(calls) > 3:  # 48 training cells in batches of 16: from epoch 1 on
+                loss = loss * torch.nan
+        return loss, out
+
+    monkeypatch.setattr(T, "per_cell_nll", poisoned)
+    out = tmp_path / "model"
+    status, _, err = _cli(capsys, "train", h5ad, "--out", out, *CLI_TRAIN[:2], "--epochs", "3",
+                          "--batch-size", "16", "--no-progress")  # fmt: skip
+    assert status == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: training loss is nan at epoch 1, batch 0")
+    assert "last good checkpoint" in last and "Traceback" not in err
+    checkpoint = out / "training" / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"] == 0
+    assert not (out / "model.pt").exists()
+
+
+PAUSING_TRAINER = """
+import sys, time
+from pathlib import Path
+from scvit_core import train as T
+
+marker, checkout, argv = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+training_step = T.AutoencoderLightning.training_step
+
+def paused(self, batch, batch_idx):
+    if self.current_epoch == 2 and batch_idx == 1:  # mid-epoch, after two checkpoints
+        marker.write_text(str(self.current_epoch))
+        time.sleep(600)  # until the test kills the process
+    return training_step(self, batch, batch_idx)
+
+T.AutoencoderLightning.training_step = paused
+from scvit_core.cli import main
+assert Path(T.__file__).resolve().is_relative_to(checkout), T.__file__  # the code under test
+sys.exit(main(argv))
+"""
+
+
+def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(h5ad, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, marker = tmp_path / "model", tmp_path / "paused"
+    args = ["train", str(h5ad), "--out", str(out), *CLI_TRAIN[:2], "--epochs", "4",
+            "--batch-size", "16", "--no-progress"]  # fmt: skip
+    script = tmp_path / "pausing.py"
+    script.write_text(PAUSING_TRAINER)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(marker), str(ROOT), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # this checkout's package, whatever the installed one is
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), process.communicate(timeout=5)[1].decode()[-2000:]
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    checkpoint = out / "training" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1  # killed in epoch 2: at most that epoch's work is lost
+    assert not (out / "model.pt").exists()  # no model from the killed run
+
+    status, _, err = _cli(capsys, *args, "--resume")
+    assert status == 0, err
+    assert "resuming from" in err
+    model = ScViTModel.load(out)
+    assert model.history["epoch"].tolist() == [1, 2, 3, 4]  # as many epochs as asked for
+    assert np.isfinite(model.history["train_loss"]).all()
+
+
+# --- the experiment runner and interpret ----------------------------------------------------
+
+
+def test_experiment_runner_ignores_partial_runs(tmp_path):
+    from scvit_core.experiments import ExperimentSpec, run
+
+    spec = ExperimentSpec.make("null_nb", profile="ci")
+    (tmp_path / f"{spec.key}.partial").mkdir(parents=True)  # a run killed while writing
+    (tmp_path / f"{spec.key}.partial" / "metrics.csv").write_text("metric,value\nfake,0\n")
+    (tmp_path / spec.key).mkdir()  # a directory without metrics: not a complete run
+    (tmp_path / spec.key / "history.csv").write_text("")
+    result = run(spec, directory=tmp_path)
+    assert not result.cached and np.isfinite(result.value("reconstruction_loss"))
+    assert not (tmp_path / f"{spec.key}.partial").exists()
+    assert run(spec, directory=tmp_path).cached
+    with pytest.raises(FileNotFoundError, match="unknown dataset 'no_such_data'"):
+        run(
+            ExperimentSpec.make("null_nb", profile="ci", dataset="no_such_data"), directory=tmp_path
+        )
+
+
+def test_diagnose_checks_its_data(trained):
+    from interpret import diagnose
+    from interpret.diagnostics import diagnostic_inputs
+
+    adata, _ = _defect("non-integer")
+    before = fingerprint(adata)
+    with pytest.raises(CountDataError, match="non-integer values"):
+        diagnose(trained, adata, progress=False)
+    assert fingerprint(adata) == before
+    labelled = _form("missing labels", None)
+    with pytest.raises(CountDataError, match="9 missing labels"):
+        diagnose(trained, labelled, progress=False)
+    unlabelled = counts_adata(labels=None)
+    with pytest.raises(
+        ValueError, match="diagnose needs obs\\['split'\\] and obs\\['cell_type'\\]"
+    ):
+        diagnose(trained, unlabelled, progress=False)
+    # labels are optional for the inputs themselves, of any dtype
+    for labels in ("str", "int", None):
+        inp = diagnostic_inputs(trained, counts_adata(labels=labels))
+        assert inp.inputs.shape == (N_CELLS, N_GENES) and torch.isfinite(inp.inputs).all()
+
+
+def test_attribute_checks_its_inputs(trained):
+    from interpret import LatentTarget, attribute
+
+    target = LatentTarget(trained.model.eval())
+    x = torch.rand(4, N_GENES) * 5
+    ok = attribute(target, x, method="integrated_gradients", target=1, n_steps=4)
+    assert ok.attributions.shape == (4, N_GENES)
+    n_latent = trained.config.n_latent
+    bad = {
+        "NaN": (dict(x=torch.where(x > 4, torch.nan, x)), "x holds .* NaN or infinite"),
+        "no cells": (dict(x=x[:0]), "at least one cell"),
+        "not 2-d": (dict(x=x[0]), "must be \\(cells, features\\)"),
+        "genes": (dict(x=x[:, :-1]), "expected input of shape \\(cells, 30\\)"),
+        "target": (dict(x=x, target=n_latent), f"output index in \\[0, {n_latent}\\)"),
+        "targets": (dict(x=x, target=[0, 1]), "one per cell \\(4\\)"),
+        "baselines": (dict(x=x, baselines=torch.zeros(2, N_GENES)), "2 rows for 4 cells"),
+        "baseline genes": (dict(x=x, baselines=torch.zeros(1, 3)), "3 features per cell"),
+        "inf baseline": (
+            dict(x=x, baselines=torch.full((1, N_GENES), torch.inf)),
+            "baselines holds",
+        ),
+    }
+    for name, (kwargs, message) in bad.items():
+        kwargs = {"target": 0, **kwargs}
+        with pytest.raises(ValueError, match=message):
+            attribute(target, method="integrated_gradients", n_steps=4, **kwargs)
+        assert name
