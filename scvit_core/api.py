@@ -510,6 +510,12 @@ class AutoencoderModel:
             raise ValueError(f"{path / CONFIG_FILE} is not a valid configuration: {err}") from None
         cls = MODEL_CLASSES[architecture_of(config)]
         meta = _read_json(path / TRAIN_CONFIG_FILE)
+        try:
+            train_config = TrainConfig.from_dict(meta["train_config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path / TRAIN_CONFIG_FILE} is not a valid training configuration: {err!r}"
+            ) from None
         genes = (path / GENES_FILE).read_text().splitlines()
         check_unique_genes(pd.Index(genes), source=str(path / GENES_FILE))
         if len(genes) != config.n_genes:
@@ -535,8 +541,7 @@ class AutoencoderModel:
                 )
                 model = cls(prepared.adata, config)
                 model.last_alignment = prepared.alignment
-        model.train_config = TrainConfig.from_dict(meta["train_config"])
-        model.module.train_config = model.train_config
+        model.train_config = model.module.train_config = train_config
         _load_weights(model.module.model, state, path / WEIGHTS_FILE)
         model.is_trained = bool(meta.get("is_trained", True))
         if (path / HISTORY_FILE).exists():

@@ -423,6 +423,8 @@ def _corrupt(path, how: str) -> None:
         (path / "config.json").write_text("{not json")
     elif how == "not a config":
         (path / "config.json").write_text('{"architecture": "scvit", "n_gens": 30}')
+    elif how == "no training config":
+        (path / "train_config.json").write_text('{"layer": null}')
     elif how == "pickled weights":
         torch.save(pd.Series([1.0]), path / "model.pt")
 
@@ -436,6 +438,7 @@ TAMPERED = {
     "truncated weights": (ValueError, "truncated or corrupt"),
     "not json": (ValueError, "config.json is not valid JSON"),
     "not a config": (ValueError, "config.json is not a valid configuration"),
+    "no training config": (ValueError, "train_config.json is not a valid training config"),
     "pickled weights": (ValueError, "pickled Python objects.*refused"),
 }
 
