@@ -58,6 +58,7 @@ from scvit_core.model import Attention, AutoencoderOutput, MatMul, MatmulConv1d,
 LIKELIHOODS = ("nb", "corrected", "legacy")
 TOKENS = ("genes", "conv")
 NORMS = ("layer", "batch")
+DISPERSIONS = ("gene", "gene-cell")
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,20 @@ class PerceiverConfig:
         ``"layer"``: LayerNorm; ``"batch"``: BatchNorm over tokens, as scViT (ablation).
     dropout
         Dropout after every attention and MLP (0: training and evaluation agree).
+    input_masking
+        While training, each gene's input value is set to 0 with this probability (the target
+        counts stay whole): a denoising objective against memorising the training cells.
     likelihood
         ``"nb"``, ``"corrected"`` (zero-inflated NB with NB mean ``mean``) or ``"legacy"``
         (scViT's reference parametrisation); see :mod:`scvit_core.likelihood`.
     library_scaling
         ``mean = softmax over genes x library size``; False: ``clamp(softplus(.))``.
+    dispersion
+        ``"gene"``: one ``theta`` per gene (scVI's default); ``"gene-cell"``: the readout also
+        decodes a per-cell offset of each gene's ``log theta``.
+    tie_genes
+        The decoder's gene queries are the encoder's identity embeddings ``F_g`` and its
+        readout vectors linear maps of them: one table per gene shared by both sides.
     fused_attention
         ``scaled_dot_product_attention`` in the self-attention blocks (same numbers as the
         explicit path that interpret uses).
@@ -126,8 +136,11 @@ class PerceiverConfig:
     attention: bool = True
     norm: str = "layer"
     dropout: float = 0.0
+    input_masking: float = 0.0
     likelihood: str = "nb"
     library_scaling: bool = True
+    dispersion: str = "gene"
+    tie_genes: bool = False
     fused_attention: bool = True
     init_std: float = 1.0
     architecture: str = dataclasses.field(default="perceiver", init=False)
@@ -139,6 +152,7 @@ class PerceiverConfig:
             ("likelihood", self.likelihood, LIKELIHOODS),
             ("tokens", self.tokens, TOKENS),
             ("norm", self.norm, NORMS),
+            ("dispersion", self.dispersion, DISPERSIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -357,19 +371,35 @@ class GeneReadout(nn.Module):
     ``(B, G, d)`` are never built. With zero inflation a second readout gives the gate logits.
     """
 
-    def __init__(self, config: PerceiverConfig, n_outputs: int) -> None:
+    def __init__(
+        self, config: PerceiverConfig, n_outputs: int, genes: nn.Parameter | None = None
+    ) -> None:
         super().__init__()
         g, d, m = config.n_genes, config.dim, config.n_tokens
         self.n_outputs = n_outputs
-        self.gene_queries = nn.Parameter(torch.randn(g, d) * config.init_std)
+        # tied: the gene's query is the encoder's identity embedding F_g and its readout
+        # vectors are linear maps of it (u_g = W F_g), so no gene table is the decoder's own
+        self.gene_queries = genes if genes is not None else nn.Parameter(
+            torch.randn(g, d) * config.init_std
+        )
         self.norm = nn.LayerNorm(d)
         self.q = nn.Linear(d, d)
         self.k = nn.Linear(d, d)
         self.v = nn.Linear(d, d)
         self.mixing = Mixing(None if config.attention else (m, g), dim=1)  # over tokens
-        self.readout = nn.Parameter(torch.randn(n_outputs, g, d) / math.sqrt(d))
+        if genes is None:
+            self.readout = nn.Parameter(torch.randn(n_outputs, g, d) / math.sqrt(d))
+        else:
+            scale = 1.0 / (math.sqrt(d) * config.init_std)
+            self.readout_maps = nn.Parameter(torch.randn(n_outputs, d, d) * scale / math.sqrt(d))
         self.bias = nn.Parameter(torch.zeros(n_outputs, g))
         self.weigh = nn.ModuleList(Mul() for _ in range(n_outputs))
+
+    def readout_vectors(self, i: int) -> torch.Tensor:
+        """``u_g`` of output ``i`` for every gene, ``(G, d)``."""
+        if hasattr(self, "readout_maps"):
+            return self.gene_queries @ self.readout_maps[i]
+        return self.readout[i]
 
     def forward(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         x = self.norm(tokens)  # (B, m, d)
@@ -379,7 +409,7 @@ class GeneReadout(nn.Module):
         v = self.v(x)
         outputs = []
         for i in range(self.n_outputs):
-            u = v @ self.readout[i].T  # (B, m, G): token j's proposal for gene g
+            u = v @ self.readout_vectors(i).T  # (B, m, G): token j's proposal for gene g
             outputs.append(self.weigh[i](w, u).sum(1) + self.bias[i])  # (B, G)
         return outputs
 
@@ -417,7 +447,10 @@ class ScPerceiver(nn.Module):
             Block(config, f"decoder.{i}") for i in range(config.decoder_blocks)
         )
         zero_inflated = config.likelihood != "nb"
-        self.readout = GeneReadout(config, 2 if zero_inflated else 1)
+        cell_theta = config.dispersion == "gene-cell"
+        tied = config.tie_genes and config.tokens == "genes"
+        genes = self.tokenizer.identity if tied else None
+        self.readout = GeneReadout(config, 1 + zero_inflated + cell_theta, genes)
         self.log_theta = nn.Parameter(torch.zeros(config.n_genes))  # gene-wise, as scVI's px_r
         self.activations = OutputActivations(
             config.likelihood, library_scaling=config.library_scaling, allow_legacy_scaling=True
@@ -463,6 +496,8 @@ class ScPerceiver(nn.Module):
             raise ValueError(
                 f"expected input of shape (cells, {self.config.n_genes}), got {tuple(x.shape)}"
             )
+        if self.training and self.config.input_masking > 0:
+            x = x * (torch.rand_like(x) >= self.config.input_masking)
         tokens = self.tokenizer(x)  # (B, m, d)
         _save(record, "tokens", tokens)
         for block in self.encoder:
@@ -491,9 +526,11 @@ class ScPerceiver(nn.Module):
         _save(record, "decoder.tokens", tokens)
         for block in self.decoder:
             tokens = block(tokens, record)
-        raw = self.readout(tokens)  # [(B, G)] mean logits (and gate logits)
-        gate = raw[1] if len(raw) > 1 else raw[0]  # ignored by the NB likelihood
+        raw = self.readout(tokens)  # [(B, G)]: mean logits [, gate logits] [, theta offsets]
+        gate = raw[1] if self.config.likelihood != "nb" else raw[0]  # ignored by the NB
         theta = self.log_theta.expand(b, -1)
+        if self.config.dispersion == "gene-cell":
+            theta = theta + raw[-1]
         return self.activations(raw[0], theta, gate, library)
 
     def forward(

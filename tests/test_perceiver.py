@@ -35,6 +35,11 @@ ABLATIONS = {
     "zinb": {"likelihood": "corrected"},
     "no attention": {"attention": False},
     "deterministic": {"variational": False},
+    "gene-wise dispersion": {"dispersion": "gene"},
+    "gene-cell dispersion": {"dispersion": "gene-cell"},
+    "no input masking": {"input_masking": 0.0},
+    "untied gene tables": {"tie_genes": False},
+    "tied gene tables, zinb": {"tie_genes": True, "likelihood": "corrected"},
 }
 
 
@@ -114,8 +119,9 @@ def test_library_scaled_mean_sums_to_the_library():
 
 
 def test_same_network_in_training_and_evaluation():
-    """LayerNorm and no dropout: only the posterior sample differs between the modes."""
-    net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY))
+    """LayerNorm and no dropout: the network is one function in both modes (training adds only
+    the posterior sample and the input masking of its objective)."""
+    net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, input_masking=0.0))
     x = torch.log1p(counts())
     train = net.train()(x, library=x.sum(1), sample=False).mean
     evaluation = net.eval()(x, library=x.sum(1)).mean
@@ -124,6 +130,41 @@ def test_same_network_in_training_and_evaluation():
     a = batch.train()(x, library=x.sum(1), sample=False).mean
     b = batch.eval()(x, library=x.sum(1)).mean
     assert not torch.allclose(a, b)  # the ablation brings the mode dependence back
+
+
+def test_input_masking_hides_genes_in_training_only():
+    net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, input_masking=0.5))
+    x = torch.log1p(counts()) + 1.0  # every gene has a value to hide
+    seen = []
+    net.tokenizer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        net.train()(x, library=x.sum(1), sample=False)
+        net.eval()(x, library=x.sum(1))
+    hidden = (seen[0] == 0).float().mean()
+    assert 0.35 < hidden < 0.65 and torch.equal(seen[0][seen[0] != 0], x[seen[0] != 0])
+    torch.testing.assert_close(seen[1], x)  # evaluation reads every gene
+
+
+def test_dispersion_is_per_gene_or_per_gene_and_cell():
+    x = torch.log1p(counts())
+    thetas = {}
+    for dispersion in ("gene", "gene-cell"):
+        torch.manual_seed(0)
+        net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, dispersion=dispersion)).eval()
+        with torch.no_grad():
+            thetas[dispersion] = net(x, library=x.sum(1)).theta  # (cells, genes)
+    assert torch.equal(thetas["gene"], thetas["gene"][:1].expand_as(thetas["gene"]))
+    assert (thetas["gene-cell"].std(0) > 1e-4).all()
+
+
+def test_tied_gene_tables_share_the_encoders_identity_embedding():
+    tied = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, tie_genes=True))
+    untied = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, tie_genes=False))
+    assert tied.readout.gene_queries is tied.tokenizer.identity
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    assert count(untied) - count(tied) > 48 * 16  # the decoder's own gene tables are gone
+    readout = tied.readout.readout_vectors(0)
+    torch.testing.assert_close(readout, tied.tokenizer.identity @ tied.readout.readout_maps[0])
 
 
 def test_posterior_mean_in_evaluation_and_samples_when_asked():
