@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default=None, help="default: $SCVIT_PROFILE, else cpu")
     parser.add_argument("--smoke", action="store_true", help="2 training steps on a few cells")
-    parser.add_argument("--results", default=None, help="default: $SCVIT_RESULTS_DIR, else ./results")
+    parser.add_argument("--results", default=None, help="default: $SCVIT_RESULTS_DIR or ./results")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diagnosis", action="store_true")
     args = parser.parse_args(argv)
