@@ -157,8 +157,9 @@ def count_nll(
         -log p(x) = -z + softplus(-g) - x log(q / (1 + q)) - lgamma(r + x) + lgamma(r)
                     + lgamma(x + 1)                                          (x > 0)
 
-    (``nb``: ``-log p(x) = -z - ... `` with ``g = 0`` and no softplus terms.) The likelihood
-    is computed in float32 at least, outside autocast, whatever the inputs' precision.
+    (``nb``: the same without ``g`` and its two softplus terms, ``-log p(0) = r log(1 + q)``.)
+    The likelihood is computed in float32 at least, outside autocast, whatever the inputs'
+    precision. Pyro's ``log_prob`` (:func:`log_prob`) stays the reference of the tests.
 
     Parameters
     ----------
