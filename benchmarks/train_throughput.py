@@ -9,6 +9,13 @@ A step is the trainer's own (its optimiser and per-cell NLL) without Lightning's
 steady-state steps are timed (warm-up steps are excluded). Peak memory is the process's peak
 on CPU, so the zeisel preset runs first.
 
+Per preset it also times the likelihood's forward and backward pass alone on one batch of the
+model's own outputs (the fused :func:`scvit_core.likelihood.nll`, and pyro's ``log_prob`` for
+reference) and prints its share of the step. Beside the scViT/scVI time ratio: the ratio of
+their FLOPs per cell (scVI's counted by ``torch.utils.flop_counter`` on one batch), the time
+ratio were both equally efficient, and the lowest time ratio scViT's FLOPs allow, scViT at
+the measured matmul rate against scVI as measured.
+
     python benchmarks/train_throughput.py --quick     # a few minutes on 2 CPU cores
 """
 
@@ -20,6 +27,7 @@ import resource
 import sys
 import time
 import warnings
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
@@ -29,8 +37,9 @@ import torch
 from scvit_core import load_dataset
 from scvit_core.config import ScViTConfig
 from scvit_core.flops import TRAIN_FACTOR, total_forward_flops
+from scvit_core.likelihood import log_prob, nll
 from scvit_core.model import ScViT
-from scvit_core.train import ScViTLightning, TrainConfig, per_cell_nll
+from scvit_core.train import ScViTLightning, TrainConfig, forward_counts, per_cell_nll
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -92,6 +101,58 @@ def train_cells_per_s(
     return cells / (time.perf_counter() - start)
 
 
+def likelihood_seconds(
+    config: ScViTConfig, counts: torch.Tensor, *, device: torch.device, repeats: int = 3
+) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds of the likelihood's forward + backward on one batch.
+
+    On the (untrained) model's own outputs for ``counts``: the fused NLL the trainer uses,
+    and pyro's ``log_prob`` summed over genes (the reference), as ``(fused, pyro)``.
+    """
+    torch.manual_seed(0)
+    model = ScViTLightning(config, TrainConfig()).model.to(device).train()
+    with torch.no_grad():
+        out = forward_counts(model, counts, input_transform="counts")
+    del model
+    fields = ("mean", "theta", "gate_logits")
+    params = {k: getattr(out, k) for k in fields if getattr(out, k) is not None}
+
+    def fused(p, x):
+        return nll(p, x, likelihood=config.likelihood)
+
+    def pyro(p, x):
+        return -log_prob(p, x, likelihood=config.likelihood).sum(-1)
+
+    best = {}
+    for name, fn in (("fused", fused), ("pyro", pyro)):
+        best[name] = float("inf")
+        for i in range(repeats + 1):  # the first is a warm-up
+            leaves = {k: v.detach().float().requires_grad_() for k, v in params.items()}
+            leaves.setdefault("gate_logits", None)
+            p = SimpleNamespace(**leaves)
+            _sync(device)
+            start = time.perf_counter()
+            fn(p, counts).mean().backward()
+            _sync(device)
+            if i:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["fused"], best["pyro"]
+
+
+def scvi_forward_flops(adata, *, batch_size: int) -> float:
+    """scVI's (``n_latent=64``) forward FLOPs per cell, counted on one batch of ``adata``."""
+    import scvi
+    from torch.utils.flop_counter import FlopCounterMode
+
+    data = adata.copy()
+    scvi.model.SCVI.setup_anndata(data)
+    model = scvi.model.SCVI(data, n_latent=64)
+    tensors = next(iter(model._make_data_loader(adata=data, batch_size=batch_size)))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.module(tensors)
+    return counter.get_total_flops() / len(tensors["X"])
+
+
 def scvi_cells_per_s(adata, *, batch_size: int, epochs: int) -> float:
     """scVI (``n_latent=64``) training cells/s on ``adata``, after a one-epoch warm-up."""
     import scvi
@@ -117,6 +178,17 @@ def report(name: str, config: ScViTConfig, cells_s: float, matmul: float, mem: f
     print(f"  fp32 matmul GFLOP/s       {matmul:10.1f}")
     print(f"  ratio model / matmul      {model_gflops / matmul:10.1%}")
     print(f"  peak memory (MB)          {mem:10.0f}")
+
+
+def report_likelihood(cells_s: float, batch_size: int, seconds: tuple[float, float]) -> None:
+    """The likelihood's forward + backward time and its share of a training step."""
+    fused, pyro = seconds
+    step = batch_size / cells_s
+    print(f"  likelihood fwd+bwd (ms)   {1e3 * fused:10.0f} (pyro's log_prob: {1e3 * pyro:.0f})")
+    print(
+        f"  likelihood share of step  {fused / step:10.1%} "
+        f"(with pyro's: {pyro / (step - fused + pyro):.1%})"
+    )
 
 
 def _params(config: ScViTConfig) -> int:
@@ -153,11 +225,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     scvit_cells_s = train_cells_per_s(config, batches, warmup=warmup, device=device)
     report("zeisel2015 for_genes(4000)", config, scvit_cells_s, matmul, peak_memory_mb(device))
+    report_likelihood(scvit_cells_s, bs, likelihood_seconds(config, batches[0], device=device))
     if not args.skip_scvi:
         scvi_cells_s = scvi_cells_per_s(adata, batch_size=bs, epochs=1 if args.quick else 2)
         print(f"[scVI n_latent=64 on zeisel2015] training cells/s {scvi_cells_s:10.1f}")
         ratio = scvi_cells_s / scvit_cells_s
         print(f"  scViT / scVI time ratio   {ratio:10.1f}x (the report: 15x)")
+        flop_ratio = total_forward_flops(config) / scvi_forward_flops(adata, batch_size=bs)
+        print(f"  FLOP ratio scViT / scVI   {flop_ratio:10.1f}x (the time ratio at equal GFLOP/s)")
+        # the lowest time ratio scViT's FLOPs allow: scViT at the matmul rate, scVI as measured
+        floor = TRAIN_FACTOR * total_forward_flops(config) * scvi_cells_s / (matmul * 1e9)
+        print(f"  time ratio bound          {floor:10.1f}x (scViT at the fp32 matmul rate)")
 
     if not args.skip_paper:
         config = ScViTConfig.paper()
@@ -167,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         batches = [torch.from_numpy(c).to(device) for c in np.split(counts, steps)]
         cells_s = train_cells_per_s(config, batches, warmup=warmup, device=device)
         report("paper", config, cells_s, matmul, peak_memory_mb(device))
+        report_likelihood(cells_s, bs, likelihood_seconds(config, batches[0], device=device))
         del batches
         if not args.skip_scvi:
             synthetic = ad.AnnData(sp.csr_matrix(counts))

@@ -54,6 +54,9 @@ DEFAULT_BUDGET = "default"
 ``get_max_epochs_heuristic`` for scVI, :func:`scvit_core.api.perceiver_epochs` for
 scPerceiver (scPerceiver's default even when ``epochs`` is None)."""
 
+HBCA_PATH_PREFIX = "hbca:"
+"""``ExperimentSpec.dataset`` ``"hbca:PATH"``: the HBCA loader on the file at ``PATH``."""
+
 PRESETS = ("default", "paper")
 METRIC_COLUMNS = ["metric", "label_key", "checkpoint", "value"]
 _PACKAGES = ("torch", "lightning", "pyro-ppl", "anndata", "scanpy", "scvi-tools", "scvit")
@@ -282,14 +285,16 @@ def prepare_data(spec: ExperimentSpec) -> ad.AnnData:
     Every subsample is label-stratified with seed 0, so all models and seeds of a profile see
     the same cells. ``dataset="hbca"`` (the ``paper`` profile) reads a stratified subsample of
     the Human Brain Cell Atlas with :func:`scvit_core.data.load_hbca` (the file comes from
-    ``$SCVIT_DATA_DIR``; its error message says how to supply it).
+    ``$SCVIT_DATA_DIR``; its error message says how to supply it); ``"hbca:PATH"`` reads the
+    file at ``PATH`` instead (e.g. :func:`smoke_dataset`'s).
     """
     profile = get_profile(spec.profile)
-    if spec.dataset == "hbca":
+    if spec.dataset == "hbca" or spec.dataset.startswith(HBCA_PATH_PREFIX):
         from .data import load_hbca
 
+        path = spec.dataset.removeprefix(HBCA_PATH_PREFIX) if spec.dataset != "hbca" else None
         # Enough cells that the train split (80%) holds the largest of the report's sizes.
-        adata = load_hbca(round(max(profile.train_cells) / 0.8), progress=True)
+        adata = load_hbca(round(max(profile.train_cells) / 0.8), path=path, progress=True)
     else:
         adata = load_dataset(spec.dataset, empty_cells="drop")
     if profile.max_cells and adata.n_obs > profile.max_cells:
@@ -350,6 +355,30 @@ def run(
     (tmp_dir / "provenance.json").write_text(json.dumps(provenance, indent=2))
     tmp_dir.rename(run_dir)  # a run is in the cache only once it is complete
     return _read(run_dir, cached=False)
+
+
+def smoke_dataset(profile: str, directory: str | os.PathLike) -> str:
+    """The ``dataset`` of a smoke run of ``profile`` (:func:`scvit_core.profiles.smoke`).
+
+    The profile's own dataset, except the HBCA: a synthetic file with the atlas's schema and
+    its 59,480 genes (:func:`scvit_core.data.hbca.synthetic_hbca`), written once into
+    ``directory`` and read through the same loader (``"hbca:PATH"``).
+    """
+    chosen = get_profile(profile)
+    if chosen.dataset != "hbca":
+        return chosen.dataset
+    from .data.hbca import synthetic_hbca
+
+    n_cells = round(max(chosen.train_cells) / 0.8) * 3 // 2  # the loader subsamples from it
+    path = Path(directory) / f"hbca_synthetic_{n_cells}.h5ad"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shares = {"Astrocyte": 0.5, "Oligodendrocyte": 0.3, "Microglia": 0.15, "Fibroblast": 0.05}
+        sizes = {label: max(2, round(share * n_cells)) for label, share in shares.items()}
+        tmp = path.with_suffix(".partial.h5ad")
+        synthetic_hbca(sizes, rate=0.1).write_h5ad(tmp)
+        tmp.rename(path)
+    return f"{HBCA_PATH_PREFIX}{path}"
 
 
 def training_epochs(spec: ExperimentSpec, n_train: int) -> int:

@@ -113,16 +113,190 @@ def distribution(
 
 
 def log_prob(params: NBParams, counts: torch.Tensor, *, likelihood: str) -> torch.Tensor:
-    """Per-gene log-likelihood of raw ``counts``, shape ``(cells, genes)``."""
+    """Per-gene log-likelihood of raw ``counts``, shape ``(cells, genes)``, by pyro.
+
+    The reference the fused :func:`count_nll` is tested against; the loss uses the latter.
+    """
     return distribution(params, likelihood=likelihood).log_prob(counts)
 
 
 def nll(params: NBParams, counts: torch.Tensor, *, likelihood: str) -> torch.Tensor:
     """Negative log-likelihood per cell, summed over genes, shape ``(cells,)``.
 
-    The training loss (and the report's "reconstruction loss") is its mean over cells.
+    The training loss (and the report's "reconstruction loss") is its mean over cells. It
+    equals ``-log_prob(params, counts, likelihood=likelihood).sum(-1)`` and is computed by
+    :func:`count_nll` (one pass, hand-written gradient, float32 or wider).
     """
-    return -log_prob(params, counts, likelihood=likelihood).sum(-1)
+    gate_logits = None if likelihood == "nb" else params.gate_logits
+    return count_nll(params.mean, params.theta, gate_logits, counts, likelihood=likelihood)
+
+
+def count_nll(
+    mean: torch.Tensor,
+    theta: torch.Tensor,
+    gate_logits: torch.Tensor | None,
+    counts: torch.Tensor,
+    *,
+    likelihood: str,
+) -> torch.Tensor:
+    """Per-cell NLL of ``counts`` under the NB or ZINB of :func:`distribution`, fused.
+
+    The same numbers as pyro's ``log_prob`` summed over the last axis (genes), with fewer
+    passes over the ``(cells, genes)`` tensors and the gradient written by hand:
+
+    - a zero count costs no log-gamma: ``log NB(0) = -r softplus(l)``, and a gene with a zero
+      count is only touched by whole-tensor passes; the log-gamma and digamma terms, and the
+      ``x log sigmoid(l)`` term, are evaluated on the non-zero counts only (sparse data);
+    - the gradient with respect to ``mean``, ``theta`` and ``gate_logits`` is computed in the
+      forward pass and saved, so the backward pass is three multiplications.
+
+    Per gene, with ``q = exp(l)`` (``m / r``; legacy ``m / (m + r)``) and
+    ``z = -g - r log(1 + q)``::
+
+        -log p(0) = -softplus(z) + softplus(-g)
+        -log p(x) = -z + softplus(-g) - x log(q / (1 + q)) - lgamma(r + x) + lgamma(r)
+                    + lgamma(x + 1)                                          (x > 0)
+
+    (``nb``: the same without ``g`` and its two softplus terms, ``-log p(0) = r log(1 + q)``.)
+    The likelihood is computed in float32 at least, outside autocast, whatever the inputs'
+    precision. Pyro's ``log_prob`` (:func:`log_prob`) stays the reference of the tests.
+
+    Parameters
+    ----------
+    mean, theta
+        Decoded mean ``m`` and inverse dispersion ``r``, ``(..., genes)``.
+    gate_logits
+        Zero-inflation logits ``g`` (None for ``"nb"``).
+    counts
+        Raw counts ``x``, broadcastable to ``mean``; not differentiated.
+    likelihood
+        ``"legacy"``, ``"corrected"`` or ``"nb"`` (see the module docstring).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(...)``, the NLL summed over the last axis.
+    """
+    _check(likelihood)
+    if likelihood != "nb" and gate_logits is None:
+        raise ValueError(f"the {likelihood!r} likelihood needs gate_logits")
+    gate = gate_logits if likelihood != "nb" else None
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    inputs = (mean, theta, counts) if gate is None else (mean, theta, counts, gate)
+    inputs = [t.to(dtype) for t in torch.broadcast_tensors(*inputs)]
+    shape = inputs[0].shape
+    # (cells, genes), contiguous: the flat indices of the non-zero counts address every tensor
+    inputs = [t.reshape(-1, shape[-1]).contiguous() for t in inputs]
+    mean, theta, counts = inputs[:3]
+    gate = inputs[3] if gate is not None else None
+    legacy = likelihood == "legacy"
+    with torch.autocast(mean.device.type, enabled=False):
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        if needs_grad:
+            out = _FusedNLL.apply(mean, theta, gate, counts.detach(), legacy)
+        else:
+            out = _nll_and_grads(mean, theta, gate, counts, legacy=legacy, grad=False)[0]
+    return out.reshape(shape[:-1])
+
+
+class _FusedNLL(torch.autograd.Function):
+    """:func:`count_nll`'s autograd node: gradients computed forward, scaled backward."""
+
+    @staticmethod
+    def forward(ctx, mean, theta, gate, counts, legacy):
+        value, grads = _nll_and_grads(mean, theta, gate, counts, legacy=legacy, grad=True)
+        ctx.has_gate = gate is not None
+        ctx.save_for_backward(*grads)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        grad_value = grad_value.unsqueeze(-1)  # (cells, 1)
+        grads = [g * grad_value for g in ctx.saved_tensors]
+        if not ctx.has_gate:
+            grads.append(None)
+        return grads[0], grads[1], grads[2], None, None
+
+
+def _nll_and_grads(
+    mean: torch.Tensor,
+    theta: torch.Tensor,
+    gate: torch.Tensor | None,
+    counts: torch.Tensor,
+    *,
+    legacy: bool,
+    grad: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-cell NLL ``(cells,)`` and, with ``grad``, its gradient per ``(mean, theta, gate)``.
+
+    Whole-tensor passes assume every count is zero; the non-zero counts (flat indices
+    ``nz``) then get their own terms, and their gradients are overwritten.
+    """
+    F = torch.nn.functional
+    n_cells, n_genes = mean.shape
+    m, r = mean.detach(), theta.detach()
+    nz = counts.reshape(-1).nonzero().squeeze(1)  # flat indices of the non-zero counts
+    # per-cell segments of nz (row-major order): lengths for segment sums
+    bounds = torch.searchsorted(nz, torch.arange(n_cells + 1, device=nz.device) * n_genes)
+    lengths = bounds.diff()
+
+    # whole tensors: -log NB(0) = r softplus(l) = r log(1 + q)
+    s = m + r
+    sp = torch.div(m, s if legacy else r).log1p_()  # softplus(l)
+    if gate is None:
+        z = sp * r  # -log NB(0); p(0) = exp(-z) without zero inflation
+        value = z.sum(-1)
+    else:
+        g = gate.detach()
+        neg_g = -g
+        z = torch.addcmul(neg_g, r, sp, value=-1)  # log NB(0) - g
+        value = F.softplus(neg_g).sum(-1) - F.softplus(z).sum(-1)
+
+    # non-zero counts: x log(q / (1 + q)) + lgamma(r + x) - lgamma(r) - lgamma(x + 1), where
+    # q / (1 + q) = m / (m + r) (legacy: m / (2m + r)) = 1 / (1 + t), t = r / m (legacy s / m);
+    # -log1p(t) keeps its precision when t is small, where x can be large
+    xs, ms, rs, ss = (t.reshape(-1).take(nz) for t in (counts, m, r, s))
+    ss2 = ss + ms if legacy else ss  # 2m + r (legacy) or m + r
+    # pyro's order: lgamma(x + 1) - lgamma(r + x) is exact in float32 when both are large
+    log_norm = (torch.lgamma(xs + 1) - torch.lgamma(rs + xs)) + torch.lgamma(rs)
+    terms = -xs * torch.log1p((ss if legacy else rs) / ms) - log_norm
+    if gate is not None:  # the whole-tensor pass counted softplus(z) there, not z
+        terms -= F.softplus(-z.reshape(-1).take(nz))
+    value = value - torch.segment_reduce(terms, "sum", lengths=lengths)
+    if not grad:
+        return value, []
+
+    # gradient of the zero-count formula everywhere, weighted by the NB's share of p(0),
+    # w = sigmoid(z) (1 without zero inflation)
+    inv_s = s.reciprocal_()
+    if legacy:  # d/dm r sp = r^2 / (s s2), d/dr = sp - r m / (s s2), s2 = 2m + r
+        a = torch.mul(r, inv_s)  # r / s
+        inv_s2 = (m + r).add_(m).reciprocal_()
+        d_mean = a * r * inv_s2
+        d_theta = sp.sub_(a.mul_(m).mul_(inv_s2))
+    else:  # d/dm r sp = r / s, d/dr = sp - m / s
+        d_mean = torch.mul(r, inv_s)
+        d_theta = sp.sub_(inv_s.mul_(m))
+    grads = [d_mean, d_theta]
+    if gate is not None:
+        w = torch.sigmoid(z)
+        d_mean.mul_(w)
+        d_theta.mul_(w)
+        grads.append(w.sub_(torch.sigmoid(neg_g)))  # d/dg: sigmoid(z) - sigmoid(-g)
+
+    # non-zero counts: the NB's full gradient, weight 1
+    dpsi = torch.digamma(rs + xs) - torch.digamma(rs)
+    if legacy:
+        d_mean_nz = rs / ss2 * (rs / ss - xs / ms)
+        d_theta_nz = torch.log1p(ms / ss) - rs * ms / (ss * ss2) + xs / ss2 - dpsi
+    else:
+        d_mean_nz = rs / ss * (1 - xs / ms)
+        d_theta_nz = torch.log1p(ms / rs) + (xs - ms) / ss - dpsi
+    d_mean.view(-1)[nz] = d_mean_nz
+    d_theta.view(-1)[nz] = d_theta_nz
+    if gate is not None:
+        grads[2].view(-1)[nz] = torch.sigmoid(g.reshape(-1).take(nz))
+    return value, grads
 
 
 class OutputActivations(nn.Module):

@@ -3,10 +3,16 @@
 ``ci`` runs in seconds (nbval in CI), ``cpu`` is the default for ``make book`` on a
 2-core laptop, ``paper`` reruns at the report's sizes on a GPU. Notebooks read the
 profile with :func:`get_profile`; nothing else differs between profiles.
+
+``<name>-smoke`` (:func:`smoke`), e.g. ``paper-smoke``, is a profile's whole path (its
+dataset loader, the model sizes of its dataset, the runner, evaluation) in two training
+steps on a few cells: the ``paper`` profile's is checkable on a CPU before a GPU is booked
+(``python scripts/run_profile.py --profile paper --smoke``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -66,12 +72,42 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+SMOKE_TRAIN_CELLS = 96
+"""Training cells of a smoke profile (one batch: a training step per epoch)."""
+
+
+def smoke(profile: Profile) -> Profile:
+    """``profile`` in a few training steps: its dataset (and so the model's sizes), few cells.
+
+    Two epochs of one step each, one seed, :data:`SMOKE_TRAIN_CELLS` training cells (its
+    ``train_cells``; others subsample ``max_cells`` of ``SMOKE_TRAIN_CELLS / 0.8``), so the
+    evaluation and the best-checkpoint reload run too.
+    """
+    n_cells = round(SMOKE_TRAIN_CELLS / 0.8)
+    return dataclasses.replace(
+        profile,
+        name=f"{profile.name}-smoke",
+        description=f"{profile.name}'s path in 2 training steps on {n_cells} cells (CPU check)",
+        max_cells=n_cells if profile.max_cells else None,
+        epochs=2,
+        n_seeds=1,
+        train_fractions=(1.0,),
+        scvi_long_epochs=2,
+        train_cells=(SMOKE_TRAIN_CELLS,) if profile.train_cells else (),
+        max_epochs=2,
+    )
+
+
 def get_profile(name: str | None = None) -> Profile:
-    """The profile named ``name``, else ``$SCVIT_PROFILE``, else ``"cpu"``."""
+    """The profile named ``name``, else ``$SCVIT_PROFILE``, else ``"cpu"`` (``NAME-smoke``:
+    :func:`smoke` of profile ``NAME``)."""
     name = name or os.environ.get(PROFILE_ENV) or "cpu"
+    base = name.removesuffix("-smoke")
+    if name != base and base in PROFILES:
+        return smoke(PROFILES[base])
     if name not in PROFILES:
         raise ValueError(
             f"unknown profile {name!r} (from {PROFILE_ENV} or the argument); "
-            f"choose one of {', '.join(PROFILES)}."
+            f"choose one of {', '.join(PROFILES)} (or NAME-smoke: a few steps of it)."
         )
     return PROFILES[name]

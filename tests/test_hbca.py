@@ -22,6 +22,7 @@ from scvit_core.data.hbca import (
     download,
     load_hbca,
     stratified_subsample,
+    synthetic_hbca,
 )
 
 # Unbalanced classes whose proportional shares of 100 cells are whole numbers.
@@ -41,27 +42,7 @@ N_CELLS, N_GENES = sum(CLASS_SIZES.values()), 50
 
 
 def _atlas(*, counts_in_raw: bool = True, integer: bool = True) -> anndata.AnnData:
-    rng = np.random.default_rng(0)
-    labels = np.repeat(list(CLASS_SIZES), list(CLASS_SIZES.values()))
-    rng.shuffle(labels)
-    counts = rng.poisson(1.0, size=(N_CELLS, N_GENES)).astype(np.float32)
-    counts[:, 0] += 1  # no empty cells
-    if not integer:
-        counts[:, 1] += 0.5
-    gene_ids = np.array([f"ENSG{rng.integers(1e10):011d}" for _ in range(N_GENES)])
-    assert not np.all(gene_ids[:-1] <= gene_ids[1:])  # deliberately unsorted
-    var = pd.DataFrame({"feature_name": [f"SYM{g[-4:]}" for g in gene_ids]}, index=gene_ids)
-    obs = pd.DataFrame(
-        {"supercluster_term": pd.Categorical(labels), "donor_id": ["H18.30.001"] * N_CELLS},
-        index=[f"cell{i:04d}" for i in range(N_CELLS)],
-    )
-    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
-    if counts_in_raw:
-        # CELLxGENE: raw counts in raw.X, a normalised matrix in X.
-        adata.raw = adata.copy()
-        norm = counts / counts.sum(1, keepdims=True) * 1e4
-        adata.X = sp.csr_matrix(np.log1p(norm))
-    return adata
+    return synthetic_hbca(CLASS_SIZES, N_GENES, counts_in_raw=counts_in_raw, integer=integer)
 
 
 @pytest.fixture(scope="module")

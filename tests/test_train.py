@@ -173,3 +173,36 @@ def test_grad_norms_by_module_matches_hand_computation():
     norms = grad_norms_by_module(net)
     first = torch.cat([net[0].weight.grad.flatten(), net[0].bias.grad]).norm()
     assert norms == pytest.approx({"0": float(first), "1": float(net[1].weight.grad.norm())})
+
+
+@pytest.mark.parametrize("likelihood", ["legacy", "corrected"])
+def test_bf16_mixed_keeps_the_likelihood_in_float32(zeisel, tmp_path, monkeypatch, likelihood):
+    """Under ``precision="bf16-mixed"`` (CPU autocast) the network's outputs are bfloat16
+    and the likelihood still receives, computes and returns float32."""
+    import scvit_core.train as train_module
+
+    seen = []
+    forward, nll = train_module.forward_counts, train_module.nll
+
+    def spy_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append(("output", out.mean.dtype, torch.is_autocast_enabled("cpu")))
+        return out
+
+    def spy_nll(params, counts, **kwargs):
+        loss = nll(params, counts, **kwargs)
+        dtypes = {params.mean.dtype, params.theta.dtype, counts.dtype, loss.dtype}
+        seen.append(("nll", dtypes, torch.is_autocast_enabled("cpu")))
+        return loss
+
+    monkeypatch.setattr(train_module, "forward_counts", spy_forward)
+    monkeypatch.setattr(train_module, "nll", spy_nll)
+    config = ScViTConfig.small(N_GENES, likelihood=likelihood)
+    module = make_module(config, precision="bf16-mixed")
+    result = fit(module, *loaders(zeisel), output_dir=tmp_path)
+    assert math.isfinite(result.history["val_loss"].iloc[0])
+    outputs = [s for s in seen if s[0] == "output" and s[2]]
+    assert outputs and all(dtype == torch.bfloat16 for _, dtype, _ in outputs)
+    calls = [s for s in seen if s[0] == "nll"]
+    assert any(autocast for *_, autocast in calls)  # called inside the autocast region
+    assert all(dtypes == {torch.float32} for _, dtypes, _ in calls)

@@ -45,10 +45,14 @@ __all__ = [
     "load_hbca",
     "sha256sum",
     "stratified_subsample",
+    "synthetic_hbca",
 ]
 
 REPORT_SIZES = (42_116, 168_464)
 """Training-set sizes of the report's Table 1 (cells)."""
+
+HBCA_GENES = 59_480
+"""Genes of the atlas's files (and of scViT's ``paper`` preset)."""
 
 _CHUNK_ROWS = 10_000  # rows read from disk at a time: bounds memory for wide backed matrices
 
@@ -518,4 +522,51 @@ def load_hbca(
     adata = anndata.AnnData(X=X, obs=obs, var=var, uns={UNS: provenance})
     # The same stored, stratified split as every other dataset (seeded like the subsample).
     add_split(adata, seed=seed)
+    return adata
+
+
+# ---------------------------------------------------------------------------------------
+# A synthetic file with the atlas's schema (tests, smoke runs of the paper profile)
+# ---------------------------------------------------------------------------------------
+
+
+def synthetic_hbca(
+    class_sizes: dict[str, int],
+    n_genes: int = HBCA_GENES,
+    *,
+    rate: float = 1.0,
+    counts_in_raw: bool = True,
+    integer: bool = True,
+    seed: int = 0,
+) -> anndata.AnnData:
+    """Random counts in the CELLxGENE schema of the HBCA files, for :func:`load_hbca`.
+
+    Poisson(``rate``) counts (gene 0 at least 1: no empty cell) of cells labelled in
+    ``obs["supercluster_term"]`` (``class_sizes`` cells each, shuffled), a ``donor_id``
+    column, Ensembl-like gene ids in unsorted order with ``var["feature_name"]`` symbols
+    ``SYM`` + the id's last four digits, and, with ``counts_in_raw``, the counts in
+    ``raw.X`` beside a log1p-normalised ``X`` as CELLxGENE stores them. ``integer=False``
+    adds 0.5 to gene 1 (not counts).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(list(class_sizes), list(class_sizes.values()))
+    rng.shuffle(labels)
+    n_cells = len(labels)
+    counts = rng.poisson(rate, size=(n_cells, n_genes)).astype(np.float32)
+    counts[:, 0] += 1  # no empty cells
+    if not integer:
+        counts[:, 1] += 0.5
+    # distinct ids, deliberately not in sorted order (load_hbca sorts them)
+    numbers = rng.choice(10**10, size=n_genes, replace=False)
+    gene_ids = np.array([f"ENSG{k:011d}" for k in numbers])
+    var = pd.DataFrame({"feature_name": [f"SYM{g[-4:]}" for g in gene_ids]}, index=gene_ids)
+    obs = pd.DataFrame(
+        {"supercluster_term": pd.Categorical(labels), "donor_id": ["H18.30.001"] * n_cells},
+        index=[f"cell{i:04d}" for i in range(n_cells)],
+    )
+    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+    if counts_in_raw:
+        adata.raw = adata.copy()
+        norm = counts / counts.sum(1, keepdims=True) * 1e4
+        adata.X = sp.csr_matrix(np.log1p(norm))
     return adata
