@@ -30,6 +30,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from scvit_core import _constants as K
@@ -41,6 +42,7 @@ from scvit_core.data import (
     check_unique_genes,
     count_dataloader,
     prepare_counts,
+    read_rows,
     stratified_split,
 )
 from scvit_core.train import (
@@ -60,6 +62,9 @@ WEIGHTS_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
 MODEL_FILES = (CONFIG_FILE, TRAIN_CONFIG_FILE, GENES_FILE, WEIGHTS_FILE, HISTORY_FILE)
 """What :meth:`AutoencoderModel.save` writes; all but the history are needed to load."""
+
+NULL_FIT_CELLS = 20_000
+"""Training cells of a backed AnnData the starting null model is fitted on (all, in memory)."""
 
 
 def default_device() -> torch.device:
@@ -214,7 +219,7 @@ class AutoencoderModel:
         adata = self._bound_data("to train it")
         prepare_counts(adata, layer=self.layer, allow_empty_cells=False)
         data = _with_split(adata, self.layer, store=store_split, seed=split_seed)
-        n_train = _training_cells(data)
+        _training_cells(data)
         if self.is_trained and ckpt_path is None:
             warnings.warn("training continues from the current weights", stacklevel=2)
         self.train_config = cfg
@@ -229,8 +234,10 @@ class AutoencoderModel:
             split="train",
             batch_size=cfg.batch_size,
             shuffle=True,
-            # a last batch of one cell stops batch normalisation in training mode
-            drop_last=n_train % cfg.batch_size == 1,
+            chunk_size=cfg.chunk_size,
+            # a last batch of one cell stops batch normalisation in training mode: it joins
+            # the batch before it (on every process under DDP)
+            min_last_batch=2,
             seed=cfg.seed,
             num_workers=cfg.num_workers,
         )
@@ -263,8 +270,13 @@ class AutoencoderModel:
             return
         from scvit_core.baselines import fit_null_nb
 
-        null = fit_null_nb(data, library_scaled=True, split="train")
-        train = data.X[np.flatnonzero(data.obs[K.SPLIT].to_numpy() == "train")]
+        rows = np.flatnonzero(data.obs[K.SPLIT].to_numpy() == "train")
+        if data.isbacked and len(rows) > NULL_FIT_CELLS:
+            # On disk the null model is fitted on a fixed subsample: memory stays bounded.
+            rng = np.random.default_rng(0)
+            rows = np.sort(rng.choice(rows, NULL_FIT_CELLS, replace=False))
+        train = sp.csr_matrix(read_rows(data.X, rows))
+        null = fit_null_nb(train, library_scaled=True)
         library = float(np.median(np.asarray(train.sum(1)).ravel()))
         init(torch.as_tensor(null.gene_param), torch.as_tensor(null.theta), library)
 
@@ -445,8 +457,13 @@ class AutoencoderModel:
         The files are written to a temporary directory beside ``dir_path`` that is then renamed
         into place, so a crash never leaves a half-written model that loads. Anything else in an
         existing ``dir_path`` (training logs, a diagnosis) is kept.
+
+        After multi-process (DDP) training every process runs the caller's script; only rank 0
+        writes, the others return ``dir_path`` without writing.
         """
         path = Path(dir_path)
+        if self.train_result is not None and self.train_result.global_rank != 0:
+            return path
         if (path / WEIGHTS_FILE).exists() and not overwrite:
             raise FileExistsError(f"{path} already holds a model; pass overwrite=True")
         if path.exists() and not path.is_dir():
