@@ -238,13 +238,18 @@ class AutoencoderModel:
             # a last batch of one cell stops batch normalisation in training mode: it joins
             # the batch before it (on every process under DDP)
             min_last_batch=2,
+            shard=True,
             seed=cfg.seed,
             num_workers=cfg.num_workers,
         )
         has_val = (data.obs[K.SPLIT] == "validation").any()
         val_loader = (
             count_dataloader(
-                data, split="validation", batch_size=cfg.batch_size, num_workers=cfg.num_workers
+                data,
+                split="validation",
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                shard=True,
             )
             if has_val
             else None

@@ -134,6 +134,9 @@ class TrainConfig:
         Shuffle chunks of this many consecutive training cells rather than single cells
         (None): batches read from a file on disk become a few contiguous reads
         (:class:`~scvit_core.data.CellBatchSampler`).
+    num_nodes
+        Machines, each running ``devices`` processes (Lightning's ``num_nodes``; under SLURM
+        or torchrun Lightning reads the ranks from the environment).
     """
 
     epochs: int = 10
@@ -156,6 +159,7 @@ class TrainConfig:
     kl_weight: float = 1.0
     kl_warmup: float = 1.0
     chunk_size: int | None = None
+    num_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -344,7 +348,7 @@ class AutoencoderLightning(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=counts.shape[0],
-            sync_dist=stage == "val",
+            sync_dist=True,  # a no-op in one process; under DDP a mean over processes
         )
         return objective
 
@@ -591,6 +595,7 @@ def fit(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=cfg.precision,
         deterministic=cfg.deterministic,

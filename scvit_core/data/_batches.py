@@ -99,6 +99,7 @@ def count_dataloader(
     num_workers: int = 0,
     chunk_size: int | None = None,
     min_last_batch: int = 1,
+    shard: bool = False,
 ) -> DataLoader:
     """A :class:`~torch.utils.data.DataLoader` of count minibatches (see :class:`CountBatches`).
 
@@ -128,6 +129,9 @@ def count_dataloader(
         :class:`~scvit_core.data.CellBatchSampler`). None: fully random batches.
     min_last_batch
         A last batch with fewer cells than this (per process) joins the one before it.
+    shard
+        Under :mod:`torch.distributed` (DDP), give each process its own share of the cells
+        (training and validation); off, every process reads every cell.
     """
     dataset = CountBatches(adata, split=split, layer=layer)
     sampler = CellBatchSampler(
@@ -138,6 +142,7 @@ def count_dataloader(
         drop_last=drop_last,
         min_last_batch=min_last_batch,
         seed=seed,
+        shard=shard,
     )
     return DataLoader(
         dataset,

@@ -56,10 +56,12 @@ class CellBatchSampler(Sampler[list[int]]):
         into the batch before it (2 keeps batch normalisation working in training mode).
     seed
         Seed of the shuffle; every process must use the same one.
+    shard
+        Share the cells among the processes of :mod:`torch.distributed`, read each time an
+        epoch starts (so a sampler built before Lightning starts its processes shards
+        correctly). Off, every process gets every cell (inference after training).
     num_replicas, rank
-        The processes and this one's rank; default: read from :mod:`torch.distributed` each
-        time an epoch starts (so a sampler built before Lightning starts its processes
-        shards correctly), else one process.
+        The processes and this one's rank, given explicitly (implies sharding).
 
     Notes
     -----
@@ -79,6 +81,7 @@ class CellBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         min_last_batch: int = 1,
         seed: int = 0,
+        shard: bool = False,
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
@@ -93,7 +96,7 @@ class CellBatchSampler(Sampler[list[int]]):
         self.n_cells, self.batch_size = int(n_cells), batch_size
         self.shuffle, self.chunk_size = shuffle, chunk_size
         self.drop_last, self.min_last_batch = drop_last, min_last_batch
-        self.seed = seed
+        self.seed, self.shard = seed, shard
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._generator: torch.Generator | None = None
@@ -107,7 +110,7 @@ class CellBatchSampler(Sampler[list[int]]):
         """``(world_size, rank)`` this sampler shards for."""
         if self.num_replicas is not None:
             return self.num_replicas, self.rank
-        return distributed_world()
+        return distributed_world() if self.shard else (1, 0)
 
     def _permutation(self, n: int, epoch: int) -> np.ndarray:
         """The epoch's ``randperm(n)`` from the generator seeded with ``seed``.

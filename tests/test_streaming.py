@@ -1,0 +1,151 @@
+"""Streaming from disk and multi-process training: the sampler, backed reads, DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, RandomSampler
+
+from scvit_core.data import CellBatchSampler, read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(100, 16), (97, 10), (1189, 256)])
+def test_one_process_batches_are_those_of_random_sampler(n, batch_size):
+    sampler = CellBatchSampler(n, batch_size=batch_size, shuffle=True, seed=3)
+    legacy = BatchSampler(
+        RandomSampler(range(n), generator=torch.Generator().manual_seed(3)), batch_size, False
+    )
+    for _ in range(3):
+        assert list(sampler) == list(legacy)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_shards_cover_every_cell_once_with_equal_steps(world_size, chunk_size):
+    n, batch_size = 101, 8
+    shards = [
+        CellBatchSampler(
+            n,
+            batch_size=batch_size,
+            shuffle=True,
+            chunk_size=chunk_size,
+            seed=1,
+            min_last_batch=2,
+            num_replicas=world_size,
+            rank=rank,
+        )
+        for rank in range(world_size)
+    ]
+    for epoch in range(2):
+        for s in shards:
+            s.set_epoch(epoch)
+        batches = [list(s) for s in shards]
+        assert len({len(b) for b in batches}) == 1 == len({len(s) for s in shards})
+        assert len(batches[0]) == len(shards[0])
+        cells = [c for per_rank in batches for batch in per_rank for c in batch]
+        assert sorted(cells) == list(range(n))
+        assert min(len(batch) for per_rank in batches for batch in per_rank) >= 2
+        # each step's cells are those of one process with the global batch
+        single = CellBatchSampler(
+            n, batch_size=world_size * batch_size, shuffle=True, chunk_size=chunk_size, seed=1
+        )
+        single.set_epoch(epoch)
+        glob = single.global_batches()
+        if len(glob[-1]) < 2 * world_size:  # merged into the previous batch when sharded
+            glob[-2:] = [np.concatenate(glob[-2:])]
+        for step, cells_of_step in enumerate(glob):
+            shared = sorted(c for per_rank in batches for c in per_rank[step])
+            assert shared == sorted(cells_of_step.tolist())
+
+
+def test_set_epoch_gives_each_epoch_its_own_order_and_resumes():
+    a = CellBatchSampler(50, batch_size=7, shuffle=True, seed=0)
+    orders = [list(a) for _ in range(3)]
+    assert orders[0] != orders[1]
+    b = CellBatchSampler(50, batch_size=7, shuffle=True, seed=0)
+    b.set_epoch(2)
+    assert list(b) == orders[2]
+
+
+def test_chunks_are_runs_of_consecutive_cells():
+    sampler = CellBatchSampler(100, batch_size=20, shuffle=True, chunk_size=5, seed=0)
+    batches = list(sampler)
+    assert sorted(c for b in batches for c in b) == list(range(100))
+    for batch in batches:
+        starts = sorted(set(c - c % 5 for c in batch))
+        assert len(starts) == 4  # four chunks of five consecutive cells
+        assert sorted(batch) == [s + i for s in starts for i in range(5)]
+
+
+def test_too_few_cells_for_the_processes_is_an_error():
+    with pytest.raises(ValueError, match="processes"):
+        list(CellBatchSampler(2, batch_size=4, num_replicas=3, rank=0))
+
+
+def test_read_rows_of_backed_matrix_equals_in_memory(tmp_path, tiny_counts):
+    import anndata as ad
+
+    tiny_counts.write_h5ad(tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    rows = np.array([0, 1, 2, 3, 10, 20, 21, 59])
+    expected = tiny_counts.X[rows].toarray()
+    np.testing.assert_array_equal(read_rows(backed.X, rows).toarray(), expected)
+    scattered = np.array([5, 9])
+    np.testing.assert_array_equal(
+        read_rows(backed.X, scattered).toarray(), tiny_counts.X[scattered].toarray()
+    )
+
+
+def test_ddp_two_cpu_processes_train_like_one(tmp_path):
+    """2 processes (gloo): each epoch's cells are the training split exactly once, the loss
+    falls, rank 0's saved model reloads in one process, and the result is close to one process
+    with the same global batch."""
+    from ddp_train import EPOCHS, run, tiny_data
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("LOCAL_RANK", None)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "ddp_train.py"),
+            str(tmp_path / "ddp"),
+            "--devices",
+            "2",
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
+
+    adata = tiny_data()
+    train_rows = np.flatnonzero(adata.obs["split"].to_numpy() == "train")
+    seen = [json.loads((tmp_path / "ddp" / f"seen-r{r}.json").read_text()) for r in (0, 1)]
+    for epoch in range(EPOCHS):
+        assert sorted(seen[0][epoch] + seen[1][epoch]) == train_rows.tolist()
+        assert not set(seen[0][epoch]) & set(seen[1][epoch])
+
+    history = ddp["history"]
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert history["val_loss"][-1] < ddp["initial_val_loss"]
+    assert [Path(p).name for p in [ddp["last_checkpoint"]]] == ["last.ckpt"]
+
+    from scvit_core import ScViTModel
+
+    reloaded = ScViTModel.load(tmp_path / "ddp" / "model", adata)
+    test_loss = reloaded.get_reconstruction_error(split="test")["reconstruction_loss"]
+    assert test_loss == pytest.approx(ddp["test_loss"], rel=1e-5)
+
+    single = run(tmp_path / "single", devices=1, batch_size=32)
+    np.testing.assert_allclose(history["val_loss"], single["history"]["val_loss"], rtol=0.02)
+    assert ddp["test_loss"] == pytest.approx(single["test_loss"], rel=0.02)
