@@ -149,3 +149,52 @@ def test_ddp_two_cpu_processes_train_like_one(tmp_path):
     single = run(tmp_path / "single", devices=1, batch_size=32)
     np.testing.assert_allclose(history["val_loss"], single["history"]["val_loss"], rtol=0.02)
     assert ddp["test_loss"] == pytest.approx(single["test_loss"], rel=0.02)
+
+
+def _write_counts(path: Path, n_cells: int, n_genes: int, *, seed: int = 0):
+    """A CSR count file written in row blocks (as a large atlas would be), with a split."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for start in range(0, n_cells, 2000):
+        rows = min(2000, n_cells - start)
+        dense = rng.poisson(0.5, size=(rows, n_genes)).astype(np.int32)
+        dense[:, 0] += 1
+        blocks.append(sp.csr_matrix(dense))
+    obs = pd.DataFrame(
+        {
+            "split": pd.Categorical(
+                rng.choice(["train", "validation", "test"], n_cells, p=[0.8, 0.1, 0.1])
+            )
+        },
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    var = pd.DataFrame(index=[f"G{j:04d}" for j in range(n_genes)])
+    ad.AnnData(sp.vstack(blocks, format="csr"), obs=obs, var=var).write_h5ad(path)
+    return ad.read_h5ad(path, backed="r")
+
+
+def test_align_genes_of_backed_file_reads_it_in_chunks(tmp_path):
+    import tracemalloc
+
+    from scvit_core.data import align_genes
+
+    backed = _write_counts(tmp_path / "big.h5ad", 20_000, 300)
+    nbytes = backed.X.group["data"].size * 4 + backed.X.group["indices"].size * 4
+    genes = [f"G{j:04d}" for j in range(300)]
+    reference = [*genes[::-1][:250], "NEW1", "NEW2"]  # reordered, dropped and missing genes
+    tracemalloc.start()
+    aligned, report = align_genes(backed, reference, out=tmp_path / "aligned.h5ad", chunk_size=500)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < nbytes / 4, (peak, nbytes)  # a few chunks, never the matrix
+    assert aligned.isbacked and list(aligned.var_names) == reference
+    assert report.n_missing == 2 and report.n_extra == 50
+    rows = np.array([0, 1, 7_777, 19_999])
+    expected = backed.to_memory()[rows][:, reference[:250]].X.toarray()
+    got = aligned.X[rows].toarray()
+    np.testing.assert_array_equal(got[:, :250], expected)
+    assert not got[:, 250:].any()
