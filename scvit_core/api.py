@@ -389,6 +389,48 @@ class AutoencoderModel:
         return latent
 
     @torch.inference_mode()
+    def write_latent_representation(
+        self,
+        path: str | Path,
+        adata: ad.AnnData | None = None,
+        *,
+        split: str | None = None,
+        layer: str | None = None,
+        batch_size: int = 1024,
+    ) -> Path:
+        """Write the latent of every cell (of one split) to an ``.h5ad``, batch by batch.
+
+        For data larger than memory (a backed AnnData): the file gets ``obs`` and
+        ``obsm["X_scvit"]`` (cells, n_latent) float32, filled as the batches are encoded, and
+        no count matrix. Arguments as in :meth:`get_latent_representation`.
+        """
+        import h5py
+
+        target = self._bound_data() if adata is None else adata
+        data = self._prepare(target, layer)
+        keep = np.ones(data.n_obs, bool)
+        if split is not None:
+            keep = data.obs[K.SPLIT].astype(str).to_numpy() == split
+        position = np.cumsum(keep) - 1  # row in the file of each kept cell
+        skeleton = ad.AnnData(obs=data.obs[keep].copy())
+        skeleton.uns[K.UNS] = {"latent_of": type(self).__name__, "split": split or "all"}
+        path = Path(path)
+        skeleton.write_h5ad(path)
+        device = default_device()
+        model = self.module.model.to(device).eval()
+        with h5py.File(path, "r+") as f:
+            obsm = f["obsm"]
+            out = obsm.create_dataset(
+                K.LATENT, shape=(int(keep.sum()), self.config.n_latent), dtype="float32"
+            )
+            out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            for batch in self._batches(data, split, batch_size):
+                x = transform_input(batch["counts"].to(device), self.train_config.input_transform)
+                rows = position[batch["index"].numpy()]  # increasing: batches come in order
+                out[rows[0] : rows[-1] + 1] = model.encode(x).float().cpu().numpy()
+        return path
+
+    @torch.inference_mode()
     def get_reconstruction_error(
         self,
         adata: ad.AnnData | None = None,

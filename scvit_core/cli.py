@@ -140,8 +140,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --overwrite")
     if out.suffix not in (".h5ad", ".npy", ".csv"):
         raise ValueError(f"--out must end in .h5ad, .npy or .csv, got {out.name!r}")
-    adata = _load(args.data, layer=args.layer, max_cells=None, seed=0)
+    adata = _load(args.data, layer=args.layer, max_cells=None, seed=0, backed=args.backed)
     model = ScViTModel.load(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if adata.isbacked and out.suffix == ".h5ad":
+        model.write_latent_representation(out, adata, split=args.split)
+        print(f"wrote the latent of {adata.n_obs:,} cells to {out}, batch by batch")
+        return 0
     z = model.get_latent_representation(adata, split=args.split)
     keep = np.ones(adata.n_obs, bool) if args.split is None else adata.obs[K.SPLIT] == args.split
     names = adata.obs_names[np.asarray(keep)]
@@ -278,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help="output .h5ad, .npy or .csv")
     embed.add_argument("--split", choices=("train", "validation", "test"), default=None)
     embed.add_argument("--layer", default=None)
+    embed.add_argument(
+        "--backed",
+        action="store_true",
+        help="read the .h5ad from disk; an .h5ad --out is "
+        "then written batch by batch (obs and obsm['X_scvit'], no counts)",
+    )
     embed.add_argument("--overwrite", action="store_true")
     embed.set_defaults(func=cmd_embed)
 
