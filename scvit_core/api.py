@@ -30,6 +30,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from scvit_core import _constants as K
@@ -41,6 +42,7 @@ from scvit_core.data import (
     check_unique_genes,
     count_dataloader,
     prepare_counts,
+    read_rows,
     stratified_split,
 )
 from scvit_core.train import (
@@ -60,6 +62,9 @@ WEIGHTS_FILE = "model.pt"
 HISTORY_FILE = "history.csv"
 MODEL_FILES = (CONFIG_FILE, TRAIN_CONFIG_FILE, GENES_FILE, WEIGHTS_FILE, HISTORY_FILE)
 """What :meth:`AutoencoderModel.save` writes; all but the history are needed to load."""
+
+NULL_FIT_CELLS = 20_000
+"""Training cells of a backed AnnData the starting null model is fitted on (all, in memory)."""
 
 
 def default_device() -> torch.device:
@@ -214,7 +219,7 @@ class AutoencoderModel:
         adata = self._bound_data("to train it")
         prepare_counts(adata, layer=self.layer, allow_empty_cells=False)
         data = _with_split(adata, self.layer, store=store_split, seed=split_seed)
-        n_train = _training_cells(data)
+        _training_cells(data)
         if self.is_trained and ckpt_path is None:
             warnings.warn("training continues from the current weights", stacklevel=2)
         self.train_config = cfg
@@ -229,15 +234,22 @@ class AutoencoderModel:
             split="train",
             batch_size=cfg.batch_size,
             shuffle=True,
-            # a last batch of one cell stops batch normalisation in training mode
-            drop_last=n_train % cfg.batch_size == 1,
+            chunk_size=cfg.chunk_size,
+            # a last batch of one cell stops batch normalisation in training mode: it joins
+            # the batch before it (on every process under DDP)
+            min_last_batch=2,
+            shard=True,
             seed=cfg.seed,
             num_workers=cfg.num_workers,
         )
         has_val = (data.obs[K.SPLIT] == "validation").any()
         val_loader = (
             count_dataloader(
-                data, split="validation", batch_size=cfg.batch_size, num_workers=cfg.num_workers
+                data,
+                split="validation",
+                batch_size=cfg.batch_size,
+                num_workers=cfg.num_workers,
+                shard=True,
             )
             if has_val
             else None
@@ -263,8 +275,13 @@ class AutoencoderModel:
             return
         from scvit_core.baselines import fit_null_nb
 
-        null = fit_null_nb(data, library_scaled=True, split="train")
-        train = data.X[np.flatnonzero(data.obs[K.SPLIT].to_numpy() == "train")]
+        rows = np.flatnonzero(data.obs[K.SPLIT].to_numpy() == "train")
+        if data.isbacked and len(rows) > NULL_FIT_CELLS:
+            # On disk the null model is fitted on a fixed subsample: memory stays bounded.
+            rng = np.random.default_rng(0)
+            rows = np.sort(rng.choice(rows, NULL_FIT_CELLS, replace=False))
+        train = sp.csr_matrix(read_rows(data.X, rows))
+        null = fit_null_nb(train, library_scaled=True)
         library = float(np.median(np.asarray(train.sum(1)).ravel()))
         init(torch.as_tensor(null.gene_param), torch.as_tensor(null.theta), library)
 
@@ -372,6 +389,48 @@ class AutoencoderModel:
         return latent
 
     @torch.inference_mode()
+    def write_latent_representation(
+        self,
+        path: str | Path,
+        adata: ad.AnnData | None = None,
+        *,
+        split: str | None = None,
+        layer: str | None = None,
+        batch_size: int = 1024,
+    ) -> Path:
+        """Write the latent of every cell (of one split) to an ``.h5ad``, batch by batch.
+
+        For data larger than memory (a backed AnnData): the file gets ``obs`` and
+        ``obsm["X_scvit"]`` (cells, n_latent) float32, filled as the batches are encoded, and
+        no count matrix. Arguments as in :meth:`get_latent_representation`.
+        """
+        import h5py
+
+        target = self._bound_data() if adata is None else adata
+        data = self._prepare(target, layer)
+        keep = np.ones(data.n_obs, bool)
+        if split is not None:
+            keep = data.obs[K.SPLIT].astype(str).to_numpy() == split
+        position = np.cumsum(keep) - 1  # row in the file of each kept cell
+        skeleton = ad.AnnData(obs=data.obs[keep].copy())
+        skeleton.uns[K.UNS] = {"latent_of": type(self).__name__, "split": split or "all"}
+        path = Path(path)
+        skeleton.write_h5ad(path)
+        device = default_device()
+        model = self.module.model.to(device).eval()
+        with h5py.File(path, "r+") as f:
+            obsm = f["obsm"]
+            out = obsm.create_dataset(
+                K.LATENT, shape=(int(keep.sum()), self.config.n_latent), dtype="float32"
+            )
+            out.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            for batch in self._batches(data, split, batch_size):
+                x = transform_input(batch["counts"].to(device), self.train_config.input_transform)
+                rows = position[batch["index"].numpy()]  # increasing: batches come in order
+                out[rows[0] : rows[-1] + 1] = model.encode(x).float().cpu().numpy()
+        return path
+
+    @torch.inference_mode()
     def get_reconstruction_error(
         self,
         adata: ad.AnnData | None = None,
@@ -445,8 +504,13 @@ class AutoencoderModel:
         The files are written to a temporary directory beside ``dir_path`` that is then renamed
         into place, so a crash never leaves a half-written model that loads. Anything else in an
         existing ``dir_path`` (training logs, a diagnosis) is kept.
+
+        After multi-process (DDP) training every process runs the caller's script; only rank 0
+        writes, the others return ``dir_path`` without writing.
         """
         path = Path(dir_path)
+        if self.train_result is not None and self.train_result.global_rank != 0:
+            return path
         if (path / WEIGHTS_FILE).exists() and not overwrite:
             raise FileExistsError(f"{path} already holds a model; pass overwrite=True")
         if path.exists() and not path.is_dir():

@@ -26,16 +26,28 @@ import numpy as np
 from scvit_core.data import CountDataError
 
 
-def _load(data: str, *, layer: str | None, max_cells: int | None, seed: int):
+def _load(data: str, *, layer: str | None, max_cells: int | None, seed: int, backed=False):
     from scvit_core import _constants as K
     from scvit_core.data import load_dataset, stratified_subsample
 
-    adata = load_dataset(data, layer=layer)
+    adata = load_dataset(data, layer=layer, backed=backed)
     if max_cells is not None and max_cells < adata.n_obs:
         labels = adata.obs[K.CELL_TYPE] if K.CELL_TYPE in adata.obs else np.zeros(adata.n_obs)
-        adata = adata[stratified_subsample(labels, max_cells, seed=seed)].copy()
-    print(f"data: {data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes", file=sys.stderr)
+        subset = adata[stratified_subsample(labels, max_cells, seed=seed)]
+        adata = subset.to_memory() if adata.isbacked else subset.copy()
+    where = " (on disk)" if adata.isbacked else ""
+    if _rank() == 0:
+        print(
+            f"data: {data}: {adata.n_obs:,} cells x {adata.n_vars:,} genes{where}", file=sys.stderr
+        )
     return adata
+
+
+def _rank() -> int:
+    """This process's global rank when Lightning started it for DDP (0 otherwise)."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
 def _config(args: argparse.Namespace, n_genes: int):
@@ -76,10 +88,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     checkpoint = out / "training" / "checkpoints" / "last.ckpt"
     if args.resume and not checkpoint.exists():
         raise FileNotFoundError(f"--resume: no checkpoint {checkpoint}; run without --resume")
-    adata = _load(args.data, layer=args.layer, max_cells=args.max_cells, seed=args.seed)
+    adata = _load(
+        args.data, layer=args.layer, max_cells=args.max_cells, seed=args.seed, backed=args.backed
+    )
     config = _config(args, adata.n_vars)
     model = MODEL_CLASSES[args.model](adata, config, seed=args.seed)
-    print(model, file=sys.stderr)
+    if _rank() == 0:
+        print(model, file=sys.stderr)
     if args.resume:
         print(f"resuming from {checkpoint}", file=sys.stderr)
     # options left unset keep the model's own defaults (scViT: the reference code's)
@@ -95,11 +110,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         early_stopping_patience=args.patience,
         accelerator=args.accelerator,
         devices=args.devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        chunk_size=args.chunk_size,
         precision=args.precision,
         enable_progress_bar=not args.no_progress,
         output_dir=out / "training",
         ckpt_path=checkpoint if args.resume else None,
     )
+    if model.train_result.global_rank != 0:
+        return 0  # under DDP rank 0 writes the model and reports
     model.save(out, overwrite=args.overwrite)
     print(model.history.to_string(index=False), file=sys.stderr)
     print(f"saved model to {out}")
@@ -120,8 +140,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists; pass --overwrite")
     if out.suffix not in (".h5ad", ".npy", ".csv"):
         raise ValueError(f"--out must end in .h5ad, .npy or .csv, got {out.name!r}")
-    adata = _load(args.data, layer=args.layer, max_cells=None, seed=0)
+    adata = _load(args.data, layer=args.layer, max_cells=None, seed=0, backed=args.backed)
     model = ScViTModel.load(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if adata.isbacked and out.suffix == ".h5ad":
+        model.write_latent_representation(out, adata, split=args.split)
+        print(f"wrote the latent of {adata.n_obs:,} cells to {out}, batch by batch")
+        return 0
     z = model.get_latent_representation(adata, split=args.split)
     keep = np.ones(adata.n_obs, bool) if args.split is None else adata.obs[K.SPLIT] == args.split
     names = adata.obs_names[np.asarray(keep)]
@@ -237,8 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="default: 0.005 / 0.003")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--patience", type=int, default=None, help="early stopping patience")
-    train.add_argument("--accelerator", default="auto")
-    train.add_argument("--devices", default="auto")
+    train.add_argument("--backed", action="store_true", help="read an .h5ad from disk in batches")
+    train.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="shuffle chunks of this many consecutive cells (suits --backed); default: cells",
+    )
+    train.add_argument("--accelerator", default="auto", help="cpu, gpu, ... (Lightning's)")
+    train.add_argument("--devices", default="auto", help="processes per node, e.g. 2")
+    train.add_argument("--strategy", default="auto", help="e.g. ddp (one process per device)")
+    train.add_argument("--num-nodes", type=int, default=1, help="machines (SLURM or torchrun)")
     train.add_argument("--precision", default="32-true")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
@@ -249,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, help="output .h5ad, .npy or .csv")
     embed.add_argument("--split", choices=("train", "validation", "test"), default=None)
     embed.add_argument("--layer", default=None)
+    embed.add_argument(
+        "--backed",
+        action="store_true",
+        help="read the .h5ad from disk; an .h5ad --out is "
+        "then written batch by batch (obs and obsm['X_scvit'], no counts)",
+    )
     embed.add_argument("--overwrite", action="store_true")
     embed.set_defaults(func=cmd_embed)
 

@@ -10,7 +10,9 @@ The trainer knows batches of counts and nothing about files or AnnData:
   code's ``scheduler.step(epoch + i / iters)``);
 * validation loss every epoch, optional early stopping, a CSV log, checkpoints (the last epoch
   and the best validation loss), progress bar, mixed precision and multi-device (DDP) are
-  Lightning's own and are passed through from :class:`TrainConfig`;
+  Lightning's own and are passed through from :class:`TrainConfig`; under DDP each process
+  reads its own share of every batch (:class:`~scvit_core.data.CellBatchSampler`), the epoch
+  losses are summed over processes and checkpoints are written by rank 0 only;
 * a NaN or infinite loss stops training with :class:`NonFiniteLossError`, which names the epoch
   and batch and the last good checkpoint (kept: nothing is saved after the bad step).
 """
@@ -37,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from scvit_core.architectures import AnyConfig, build_network, config_from_dict
+from scvit_core.data import CellBatchSampler
 from scvit_core.likelihood import nll
 from scvit_core.model import AutoencoderOutput
 
@@ -127,6 +130,13 @@ class TrainConfig:
         Variational models only: the loss is ``NLL + w KL`` with ``w`` rising linearly from 0
         to ``kl_weight`` over the first ``kl_warmup`` share of the optimiser steps (scVI warms
         up over 400 epochs, all of its default budget below 20k cells).
+    chunk_size
+        Shuffle chunks of this many consecutive training cells rather than single cells
+        (None): batches read from a file on disk become a few contiguous reads
+        (:class:`~scvit_core.data.CellBatchSampler`).
+    num_nodes
+        Machines, each running ``devices`` processes (Lightning's ``num_nodes``; under SLURM
+        or torchrun Lightning reads the ranks from the environment).
     """
 
     epochs: int = 10
@@ -148,6 +158,8 @@ class TrainConfig:
     schedule: str = "cosine_restarts"
     kl_weight: float = 1.0
     kl_warmup: float = 1.0
+    chunk_size: int | None = None
+    num_nodes: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -164,6 +176,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.grad_norm_every < 0:
             raise ValueError(f"grad_norm_every must be >= 0, got {self.grad_norm_every}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1 or None, got {self.chunk_size}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable dictionary."""
@@ -334,7 +348,7 @@ class AutoencoderLightning(L.LightningModule):
             on_epoch=True,
             prog_bar=True,
             batch_size=counts.shape[0],
-            sync_dist=stage == "val",
+            sync_dist=True,  # a no-op in one process; under DDP a mean over processes
         )
         return objective
 
@@ -411,9 +425,12 @@ class AutoencoderLightning(L.LightningModule):
         self._sums["val"] = [0.0, 0]
 
     def on_train_epoch_end(self) -> None:
-        # Validation has run by now (Lightning validates inside the training epoch).
-        train_sum, train_n = self._sums["train"]
-        val_sum, val_n = self._sums["val"]
+        # Validation has run by now (Lightning validates inside the training epoch). Under DDP
+        # each process saw its own share of the cells: sum the shares for exact per-cell means.
+        sums = torch.tensor([*self._sums["train"], *self._sums["val"]], dtype=torch.float64)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        train_sum, train_n, val_sum, val_n = sums.tolist()
         self.history.append(
             {
                 "epoch": self.current_epoch + 1,
@@ -508,6 +525,8 @@ class TrainResult:
     last_checkpoint: str
     log_dir: str
     grad_norms: pd.DataFrame = dataclasses.field(default_factory=lambda: grad_norm_frame([]))
+    global_rank: int = 0
+    """This process's rank under DDP (0 alone): only rank 0 should write files."""
 
 
 ScViTLightning = AutoencoderLightning
@@ -576,6 +595,7 @@ def fit(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=cfg.precision,
         deterministic=cfg.deterministic,
@@ -588,6 +608,9 @@ def fit(
         num_sanity_val_steps=0,  # the initial validation loss below replaces it
         log_every_n_steps=1,
         limit_val_batches=1.0 if val_loader is not None else 0,
+        # A CellBatchSampler shards the cells across processes itself; Lightning's own
+        # replacement would wrap it and pad or repeat batches.
+        use_distributed_sampler=not isinstance(train_loader.sampler, CellBatchSampler),
     )
     kwargs.update(trainer_kwargs or {})
     with quiet_lightning(not cfg.enable_progress_bar):
@@ -624,6 +647,7 @@ def fit(
         last_checkpoint=checkpoint.last_model_path,
         log_dir=logger.log_dir,
         grad_norms=grad_norm_frame(module.grad_norms),
+        global_rank=trainer.global_rank,
     )
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -75,6 +80,8 @@ def align_genes(
     *,
     layer: str | None = None,
     min_matched: int = 1,
+    out: str | os.PathLike | None = None,
+    chunk_size: int = 10_000,
 ) -> tuple[ad.AnnData, GeneAlignment]:
     """Put the genes of ``adata`` in the order of ``reference``.
 
@@ -90,15 +97,21 @@ def align_genes(
         The target gene order, e.g. a trained model's gene list or
         :func:`standard_gene_order` of some genes.
     layer
-        Align this layer instead of ``X`` (it becomes ``X`` of the result). A backed
-        ``X`` is read into memory.
+        Align this layer instead of ``X`` (it becomes ``X`` of the result).
     min_matched
         Fewest matched genes accepted; fewer is an error (wrong identifiers or species).
+    out
+        A backed ``adata`` only: the ``.h5ad`` file the aligned counts are written to,
+        ``chunk_size`` cells at a time (the matrix is never read whole), and which the result
+        is opened from, backed. Default: a temporary file deleted with the result.
+    chunk_size
+        Cells aligned at a time from a backed ``adata``.
 
     Returns
     -------
     aligned
-        A new AnnData: ``X`` sparse CSR (dtype kept; float16 becomes float32), ``obs`` copied,
+        A new AnnData (backed if ``adata`` is): ``X`` sparse CSR (dtype kept; float16 becomes
+        float32), ``obs`` copied,
         ``var_names`` equal to ``reference``, ``var["present"]`` False for zero-filled genes,
         and the report in ``uns["scvit"]["gene_alignment"]``.
     report
@@ -135,8 +148,12 @@ def align_genes(
         )
 
     X = adata.layers[layer] if layer is not None else adata.X
+    var = pd.DataFrame(index=ref.copy())
+    var["present"] = present
+    uns = {K.UNS: {**adata.uns.get(K.UNS, {}), "gene_alignment": report.to_dict()}}
     if adata.isbacked and layer is None:
-        X = X[:]  # alignment builds a new matrix, so a backed X is read into memory here
+        aligned = _align_backed(X, position, present, adata.obs.copy(), var, uns, out, chunk_size)
+        return aligned, report
     if not sp.issparse(X):
         X = np.asarray(X)
         # scipy.sparse has no float16; float32 holds every float16 value exactly
@@ -149,10 +166,43 @@ def align_genes(
     )
     aligned_X = sp.csr_matrix(X @ selector)
     aligned_X.sort_indices()
-
-    var = pd.DataFrame(index=ref.copy())
-    var["present"] = present
     aligned = ad.AnnData(X=aligned_X, obs=adata.obs.copy(), var=var)
-    aligned.uns[K.UNS] = dict(adata.uns.get(K.UNS, {}))
-    aligned.uns[K.UNS]["gene_alignment"] = report.to_dict()
+    aligned.uns[K.UNS] = uns[K.UNS]
     return aligned, report
+
+
+def _align_backed(X, position, present, obs, var, uns, out, chunk_size) -> ad.AnnData:
+    """Align a backed matrix ``chunk_size`` rows at a time into an ``.h5ad`` file, opened backed."""
+    from anndata.io import sparse_dataset, write_elem
+
+    if out is None:
+        handle, name = tempfile.mkstemp(suffix=".h5ad", prefix="scvit-aligned-")
+        os.close(handle)
+        path = Path(name)
+    else:
+        path = Path(out)
+    dtype = np.dtype(X.dtype)
+    dtype = np.dtype(np.float32) if dtype == np.float16 else dtype
+    selector = sp.csr_matrix(
+        (np.ones(int(present.sum()), dtype=dtype), (position[present], np.flatnonzero(present))),
+        shape=(X.shape[1], len(var)),
+    )
+    ad.AnnData(obs=obs, var=var, uns=uns).write_h5ad(path)  # everything but X
+    with h5py.File(path, "r+") as f:
+        for start in range(0, X.shape[0], chunk_size):
+            block = X[start : start + chunk_size]
+            block = sp.csr_matrix(block if sp.issparse(block) else np.asarray(block, dtype=dtype))
+            chunk = sp.csr_matrix(block.astype(dtype, copy=False) @ selector)
+            chunk.sort_indices()
+            if start == 0:
+                write_elem(f, "X", chunk)
+            else:
+                sparse_dataset(f["X"]).append(chunk)
+    aligned = ad.read_h5ad(path, backed="r")
+    if out is None:
+        weakref.finalize(aligned, _remove, path)
+    return aligned
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
