@@ -280,7 +280,10 @@ class AutoencoderModel:
             # On disk the null model is fitted on a fixed subsample: memory stays bounded.
             rng = np.random.default_rng(0)
             rows = np.sort(rng.choice(rows, NULL_FIT_CELLS, replace=False))
-        train = sp.csr_matrix(read_rows(data.X, rows))
+        train = read_rows(data.X, rows)
+        if train.dtype == np.float16:  # scipy.sparse has no float16
+            train = train.astype(np.float32)
+        train = sp.csr_matrix(train)
         null = fit_null_nb(train, library_scaled=True)
         library = float(np.median(np.asarray(train.sum(1)).ravel()))
         init(torch.as_tensor(null.gene_param), torch.as_tensor(null.theta), library)

@@ -128,6 +128,8 @@ def nll(params: NBParams, counts: torch.Tensor, *, likelihood: str) -> torch.Ten
     :func:`count_nll` (one pass, hand-written gradient, float32 or wider).
     """
     gate_logits = None if likelihood == "nb" else params.gate_logits
+    if params.mean.device.type == "meta":  # shapes only (memory estimates): no data to index
+        return -log_prob(params, counts, likelihood=likelihood).sum(-1)
     return count_nll(params.mean, params.theta, gate_logits, counts, likelihood=likelihood)
 
 

@@ -639,7 +639,7 @@ def test_experiment_runner_ignores_partial_runs(tmp_path):
     assert not result.cached and np.isfinite(result.value("reconstruction_loss"))
     assert not (tmp_path / f"{spec.key}.partial").exists()
     assert run(spec, directory=tmp_path).cached
-    with pytest.raises(FileNotFoundError, match="unknown dataset 'no_such_data'"):
+    with pytest.raises(FileNotFoundError, match="dataset 'no_such_data'"):
         run(
             ExperimentSpec.make("null_nb", profile="ci", dataset="no_such_data"), directory=tmp_path
         )
