@@ -200,17 +200,24 @@ def test_align_genes_of_backed_file_reads_it_in_chunks(tmp_path):
     assert not got[:, 250:].any()
 
 
-def test_train_embed_and_evaluate_a_backed_file(tmp_path):
+@pytest.mark.parametrize("architecture", ["scvit", "perceiver"])
+def test_train_embed_and_evaluate_a_backed_file(tmp_path, architecture):
     """Training reads a backed file in shuffled chunks; the latent written batch by batch to
-    an .h5ad equals the in-memory one."""
+    an .h5ad equals the in-memory one (both architectures)."""
     import anndata as ad
 
     from scvit_core import ScViTModel
+    from scvit_core.api import ScPerceiverModel
     from scvit_core.config import ScViTConfig
+    from scvit_core.perceiver import PerceiverConfig
 
     backed = _write_counts(tmp_path / "cells.h5ad", 600, 30)
-    config = ScViTConfig.small(30, likelihood="nb", stages=((8, 8, 4, 4), (8, 4, 8, 2)))
-    model = ScViTModel(backed, config)
+    if architecture == "scvit":
+        config = ScViTConfig.small(30, likelihood="nb", stages=((8, 8, 4, 4), (8, 4, 8, 2)))
+        model = ScViTModel(backed, config)
+    else:
+        config = PerceiverConfig.for_genes(30, dim=16, n_tokens=4, heads=2)
+        model = ScPerceiverModel(backed, config)
     model.train(
         epochs=1, batch_size=64, chunk_size=16, accelerator="cpu", enable_progress_bar=False
     )
