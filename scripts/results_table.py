@@ -11,6 +11,8 @@ cell-type labels) and replaces the text between the README's ``<!-- results:star
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ METRICS = {
 }
 MODEL_ORDER = ("scvi", "scvit", "untrained_scvit", "pca", "null_nb", "null_nb_library")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -69,8 +72,31 @@ def markdown(profile: str) -> str:
         lines += ["", f"**{dataset}**", "", _dataset_table(table[table["dataset"] == dataset])]
     commits = sorted({str(c)[:10] for c in table.get("git_commit", pd.Series(dtype=str)).dropna()})
     if commits:
-        lines += ["", f"Runs made at commits: {', '.join(commits)}."]
+        lines += [
+            "",
+            f"Runs made at commit{'s' if len(commits) > 1 else ''}: {', '.join(commits)}.",
+        ]
+    build = ROOT / "_build" / profile / "build_time.json"
+    if build.exists():
+        info = json.loads(build.read_text())
+        lines[-1] += (
+            f" The `make book` that made them (profile `{info['profile']}`, commit "
+            f"{info['commit']}, starting with {info['runs_before']} stored runs) took "
+            f"{info['seconds'] / 60:.0f} min on {_hardware(table)} (`{build.relative_to(ROOT)}`)."
+        )
     return "\n".join(lines)
+
+
+def _hardware(table: pd.DataFrame) -> str:
+    from scvit_core.experiments import results_dir
+
+    keys = table["key"].unique()
+    found = {
+        json.loads((results_dir() / k / "provenance.json").read_text())["hardware"].split(" (")[0]
+        for k in keys
+    }
+    cores = os.cpu_count()
+    return f"{' / '.join(sorted(found))} ({cores} cores)"
 
 
 def main() -> int:

@@ -578,7 +578,10 @@ def evaluate_checkpoints(
     kwargs = dict(label_keys=label_keys, seed=seed, scib=scib, latent=latent, mlp_epochs=mlp_epochs)
     final = evaluate_scvit(model, adata, **kwargs)
     best_model = load_checkpoint_weights(model, result.best_checkpoint)
-    best = evaluate_scvit(best_model, adata, **kwargs)
+    if _same_weights(model, best_model):  # the last epoch was the best: nothing to redo
+        best = final
+    else:
+        best = evaluate_scvit(best_model, adata, **kwargs)
     table = final.rename(columns={"value": "final"})
     table["best"] = best["value"].to_numpy()
     table["rel_diff"] = (table["best"] - table["final"]) / np.maximum(
@@ -623,6 +626,14 @@ def _label_keys(adata: ad.AnnData, label_keys: Sequence[str] | None) -> list[str
     if missing:
         raise KeyError(f"adata.obs has no label column(s) {missing}")
     return list(label_keys)
+
+
+def _same_weights(model: Any, other: Any) -> bool:
+    ours = model.model.state_dict()
+    theirs = other.module.model.state_dict()
+    return ours.keys() == theirs.keys() and all(
+        torch.equal(value.cpu(), theirs[name].cpu()) for name, value in ours.items()
+    )
 
 
 def _best_epoch(model: Any) -> int | None:

@@ -57,7 +57,8 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         "cpu",
-        "half the default dataset (1,500 cells) on 2 CPU cores, 3 seeds per model",
+        "half the default dataset (1,500 cells) on 2 CPU cores, 3 seeds per model "
+        "(1 per ablation variant)",
         "zeisel2015",
         max_cells=1500,
         epochs=10,

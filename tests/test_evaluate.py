@@ -274,3 +274,19 @@ def test_checkpoints_final_and_best(scvit, zeisel):
     assert table["differs"].dtype == bool and table.attrs["best_epoch"] in (1, 2)
     strict = pd.DataFrame(table)
     assert (strict["differs"] == (strict["rel_diff"].abs() > 0.05)).all()
+
+
+def test_a_best_checkpoint_equal_to_the_final_weights_is_evaluated_once(scvit, zeisel, monkeypatch):
+    """When the last epoch is the best, its checkpoint holds the final weights: no second pass."""
+    calls = []
+    evaluate = E.evaluate_scvit
+    monkeypatch.setattr(E, "evaluate_scvit", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    monkeypatch.setattr(scvit.train_result, "best_checkpoint", scvit.train_result.last_checkpoint)
+    table = E.evaluate_checkpoints(scvit, zeisel, latent=True, scib=False, mlp_epochs=1)
+    assert len(calls) == 1
+    assert (table["final"] == table["best"]).all() and not table["differs"].any()
+    # a checkpoint with other weights is evaluated on its own
+    other = E.load_checkpoint_weights(scvit, scvit.train_result.last_checkpoint)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    assert not E._same_weights(scvit, other)

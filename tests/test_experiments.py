@@ -134,3 +134,21 @@ def test_changing_a_models_code_invalidates_its_runs_only(monkeypatch, tmp_path)
     assert {m: after[m] for m in ("scvit", "scvi", "pca")} == {
         m: before[m] for m in ("scvit", "scvi", "pca")
     }
+
+
+def test_run_many_in_parallel_stores_the_same_runs(tmp_path, capsys):
+    """Two worker processes train the uncached specs; the results are those of a serial run."""
+    specs = [
+        ExperimentSpec.make("null_nb", profile="ci"),
+        ExperimentSpec.make("null_nb_library", profile="ci"),
+    ]
+    parallel = run_many([*specs, specs[0]], directory=tmp_path / "parallel", workers=2)
+    lines = capsys.readouterr().out.splitlines()
+    assert [r.spec.key for r in parallel] == [s.key for s in [*specs, specs[0]]]
+    assert "(in parallel)" in lines[0] and "(in parallel)" in lines[1] and "cached" in lines[2]
+    serial = run_many(specs, directory=tmp_path / "serial", workers=1)
+    for a, b in zip(parallel, serial, strict=False):
+        assert a.value("reconstruction_loss") == pytest.approx(b.value("reconstruction_loss"))
+        assert a.provenance["run_time_s"] > 0
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        run_many(specs, directory=tmp_path, workers=0)
