@@ -419,7 +419,8 @@ def run_many(
         What to run (a spec listed twice runs once).
     workers
         Runs trained at once, each in its own process with ``threads / workers`` of this
-        process's torch threads (default ``$SCVIT_WORKERS``, else 1: one run at a time, here).
+        process's torch threads, the last to start with all of them (default
+        ``$SCVIT_WORKERS``, else 1: one run at a time, in this process).
         On a 2-core CPU two one-thread runs finish about 1.3 times sooner than one two-thread
         run after the other (small matrices use a second thread poorly); on one GPU keep 1.
         The numbers do not depend on it beyond floating-point summation order.
@@ -464,32 +465,38 @@ def run_many(
 def _run_parallel(
     specs: list[ExperimentSpec], workers: int, kwargs: dict[str, Any]
 ) -> dict[str, float]:
-    """Run ``specs`` in ``workers`` fresh processes; each run's seconds by key."""
+    """Run ``specs`` in ``workers`` fresh processes; each run's seconds by key.
+
+    Each run gets ``threads / workers`` torch threads, except the last to start, which gets
+    them all: it would otherwise finish alone on a share of the cores.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
 
-    threads = max(1, torch.get_num_threads() // workers)
+    total = torch.get_num_threads()
+    share = max(1, total // workers)
     context = multiprocessing.get_context("spawn")  # no forked torch or Lightning state
     seconds = {}
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
-    ) as pool:
-        futures = {pool.submit(_timed_run, spec, kwargs): spec for spec in specs}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
+        futures = {
+            pool.submit(_timed_run, spec, kwargs, total if i == len(specs) - 1 else share): spec
+            for i, spec in enumerate(specs)
+        }
         for future in as_completed(futures):
             seconds[futures[future].key] = future.result()  # a failed run raises here
     return seconds
 
 
-def _init_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
+def _init_worker() -> None:
     warnings.filterwarnings("ignore")  # a worker's output does not reach the notebook anyway
 
 
-def _timed_run(spec: ExperimentSpec, kwargs: dict[str, Any]) -> float:
+def _timed_run(spec: ExperimentSpec, kwargs: dict[str, Any], threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     run(spec, **kwargs)
     return time.perf_counter() - start
