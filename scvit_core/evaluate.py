@@ -219,6 +219,7 @@ def classifier_metrics(
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     y_train, y_test = _as_labels(y_train), _as_labels(y_test)
     classes = np.unique(np.concatenate([y_train, y_test]))
@@ -229,15 +230,19 @@ def classifier_metrics(
         z_train, code_train, z_test, n_classes=len(classes), epochs=mlp_epochs, seed=seed
     )
     k = max(1, min(n_neighbors, len(z_train)))
-    preds["knn"] = KNeighborsClassifier(n_neighbors=k).fit(z_train, code_train).predict(z_test)
-    if len(np.unique(code_train)) > 1:
-        # Standardised, because latents of different models have very different scales.
-        logreg = make_pipeline(
-            StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed)
-        )
-        preds["logreg"] = logreg.fit(z_train, code_train).predict(z_test)
-    else:
-        preds["logreg"] = np.full(len(z_test), code_train[0])
+    # One BLAS thread: the matrices are tiny (cells x 64), and BLAS threads spinning beside
+    # torch's made the logistic regression ~15x slower (most of a run's evaluation).
+    with threadpool_limits(1, user_api="blas"):
+        knn = KNeighborsClassifier(n_neighbors=k).fit(z_train, code_train)
+        preds["knn"] = knn.predict(z_test)
+        if len(np.unique(code_train)) > 1:
+            # Standardised, because latents of different models have very different scales.
+            logreg = make_pipeline(
+                StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed)
+            )
+            preds["logreg"] = logreg.fit(z_train, code_train).predict(z_test)
+        else:
+            preds["logreg"] = np.full(len(z_test), code_train[0])
     rows = []
     for name, pred in preds.items():
         rows.append((f"{name}_accuracy", label_key, float(accuracy_score(code_test, pred))))
