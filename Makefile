@@ -55,9 +55,13 @@ book: $(STAMP)
 # Headless Chromium (Debian's package, installed with apt-get when missing) checks every page:
 # no error output, no JavaScript errors, images load, internal links resolve, the sidebar
 # reaches every chapter.
+# Pages whose clipped outputs and uncaptioned figures are reported, not failed, while their
+# presentation is reworked (issue 15): remove a page once it passes.
+CHECK_PENDING ?= notebooks/08_scperceiver notebooks/09_reproducibility
 check-book: $(STAMP)
 	SCVIT_PROFILE=ci $(JB_BUILD) _build/ci
-	$(PY) scripts/check_book.py _build/ci/_build/html --toc $(BOOK_TOC)
+	$(PY) scripts/check_book.py _build/ci/_build/html --toc $(BOOK_TOC) \
+		$(foreach page,$(CHECK_PENDING),--pending $(page))
 
 browser: $(STAMP)
 	$(PY) scripts/check_book.py --browser-only

@@ -22,7 +22,9 @@ chromium`` is run when no ``chromium`` is found and we are root). A page fails w
   a MyST figure: numbered, captioned, citable by ``{numref}``).
 
 Each page's line also counts the code cells whose input is shown unfolded (``hide-input``
-folds a cell's code behind a toggle).
+folds a cell's code behind a toggle). ``--pending PAGE`` (repeatable) lists pages whose
+presentation is still being reworked: their clipped outputs and uncaptioned figures are printed
+as ``pending`` without failing the page; every other check still applies to them.
 
 Prints one line per page (and one per problem) and exits non-zero if any page fails.
 Playwright is used with the system's Chromium (``executable_path``): it downloads nothing.
@@ -130,6 +132,7 @@ class PageReport:
     images: int = 0
     links: int = 0
     shown_inputs: int = 0  # code cells whose input is not folded
+    pending: list[str] = field(default_factory=list)  # presentation problems of a --pending page
 
     @property
     def ok(self) -> bool:
@@ -222,11 +225,13 @@ def check_book(
     toc_docs: list[str] | None = None,
     chromium: str,
     pages: list[str] | None = None,
+    pending: set[str] = frozenset(),
 ) -> list[PageReport]:
     """Open every page of ``html_dir`` in headless Chromium and check it (see the module doc).
 
     ``toc_docs`` (document names without suffix) enables the navigation check; ``pages``
-    restricts the pages opened (default: every HTML page).
+    restricts the pages opened (default: every HTML page); on the ``pending`` pages, clipped
+    outputs and uncaptioned figures go to ``PageReport.pending`` instead of failing the page.
     """
     from playwright.sync_api import sync_playwright
 
@@ -287,13 +292,14 @@ def check_book(
             for text in facts["stderr"]:
                 if match := STDERR_ERROR.search(text):
                     problems.append(f"stderr output with {match.group(0)!r}: {_first_line(text)}")
+            layout = report.pending if name in pending else problems
             for clip in facts["clipped"]:
-                problems.append(
+                layout.append(
                     f"output {clip['tag']} wider than the content column by {clip['over']} px: "
                     f"{clip['line'].strip()[:100]!r}"
                 )
             for src in facts["uncaptioned"]:
-                problems.append(f"figure without a caption: {src}")
+                layout.append(f"figure without a caption: {src}")
             report.shown_inputs = facts["shownInputs"]
             report.images = len(facts["images"])
             for image in facts["images"]:
@@ -401,6 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toc", type=Path, default=DEFAULT_TOC, help="the book's _toc.yml")
     parser.add_argument("--chromium", help="Chromium executable (default: chromium on PATH)")
     parser.add_argument(
+        "--pending",
+        action="append",
+        default=[],
+        metavar="PAGE",
+        help="a page (e.g. notebooks/08_scperceiver.html) whose clipped outputs and "
+        "uncaptioned figures are reported without failing it",
+    )
+    parser.add_argument(
         "--browser-only", action="store_true", help="install Chromium if missing, then exit"
     )
     args = parser.parse_args(argv)
@@ -413,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no built book in {args.html_dir} (run `make check-book`)", file=sys.stderr)
         return 1
     toc_docs = toc_documents(args.toc) if args.toc else None
-    reports = check_book(args.html_dir, toc_docs=toc_docs, chromium=chromium)
+    pending = {p if p.endswith(".html") else f"{p}.html" for p in args.pending}
+    reports = check_book(args.html_dir, toc_docs=toc_docs, chromium=chromium, pending=pending)
     width = max(len(r.page) for r in reports)
     for r in reports:
         state = "ok  " if r.ok else "FAIL"
@@ -421,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{state} {r.page:<{width}}  {r.images:3d} images  {r.links:4d} internal links  "
             f"{r.shown_inputs:3d} code cells unfolded"
         )
+        for problem in r.pending:
+            print(f"       - pending: {problem}")
         for problem in r.problems:
             print(f"       - {problem}")
     failed = [r for r in reports if not r.ok]

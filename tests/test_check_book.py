@@ -106,3 +106,20 @@ def test_toc_documents_reads_jupyter_book_tocs(tmp_path: Path):
         "notebooks/01b",
         "book/references",
     ]
+
+
+def test_a_pending_page_reports_layout_problems_without_failing(site: Path):
+    (site / "bad.html").write_text(
+        page(
+            '<div class="cell_output" style="width: 300px">'
+            '<pre style="overflow-x: auto">' + "a very long line " * 40 + "</pre></div>"
+            '<img src="img.png">'
+        )
+    )
+    reports = check_book.check_book(
+        site, chromium=CHROMIUM, pages=["bad.html"], pending={"bad.html"}
+    )
+    assert reports[0].ok, reports[0].problems
+    pending = "\n".join(reports[0].pending)
+    assert "wider than the content column" in pending
+    assert "figure without a caption: img.png" in pending
