@@ -3,8 +3,9 @@
 #               _build/cpu/_build/html (BOOK_PROFILE=ci|paper: _build/<profile>/_build/html)
 #   make test   unit tests + nbval over notebooks/ in profile ci
 #   make check-book   build the book in profile ci and check every page in headless Chromium
-#   make results-table   the README's results table from the runs of the last `make book`
-#   make readme-figure   copy the README's key figure out of the last `make book`
+#   make results-table   the README's results table, copied from the last `make book`'s
+#                        results page (The study at a glance)
+#   make readme-figure   the README's key figure, copied from the same page
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,10 +17,13 @@ BOOK_TOC ?= book/_toc.yml
 # content, not on SCVIT_PROFILE, so a shared cache would serve one profile's outputs to another.
 BOOK_DIR = _build/$(BOOK_PROFILE)
 BOOK_HTML = $(BOOK_DIR)/_build/html
-# The README's key figure: an image of a section of a chapter, copied from the built book.
-FIGURE_PAGE ?= notebooks/04_ablations
-FIGURE_SECTION ?= figure-1-loss-curves-of-the-variants
+# The README's key figure and results table come from the results page's cells, copied from
+# the built book: a figure (its :name:, or a section id) and the table of a section.
+RESULTS_PAGE ?= notebooks/study_at_a_glance
+FIGURE_PAGE ?= $(RESULTS_PAGE)
+FIGURE_SECTION ?= fig-glance-why
 FIGURE_OUT ?= book/figures/key_figure.png
+TABLE_SECTION ?= the-results-table
 
 # Real datasets beside the checkout (never committed); tests that need them skip without them.
 ifneq ($(wildcard ../shared/data),)
@@ -60,9 +64,13 @@ book: $(STAMP)
 # Headless Chromium (Debian's package, installed with apt-get when missing) checks every page:
 # no error output, no JavaScript errors, images load, internal links resolve, the sidebar
 # reaches every chapter.
+# Pages whose clipped outputs and uncaptioned figures are reported, not failed, while their
+# presentation is reworked (issue 15): remove a page once it passes.
+CHECK_PENDING ?=
 check-book: $(STAMP)
 	SCVIT_PROFILE=ci $(JB_BUILD) _build/ci
-	$(PY) scripts/check_book.py _build/ci/_build/html --toc $(BOOK_TOC)
+	$(PY) scripts/check_book.py _build/ci/_build/html --toc $(BOOK_TOC) \
+		$(foreach page,$(CHECK_PENDING),--pending $(page))
 
 browser: $(STAMP)
 	$(PY) scripts/check_book.py --browser-only
@@ -72,7 +80,7 @@ readme-figure: $(STAMP)
 		--section $(FIGURE_SECTION) --out $(FIGURE_OUT)
 
 results-table: $(STAMP)
-	$(PY) scripts/results_table.py --profile $(BOOK_PROFILE)
+	$(PY) scripts/results_table.py $(BOOK_HTML)/$(RESULTS_PAGE).html --section $(TABLE_SECTION)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -14,7 +14,17 @@ chromium`` is run when no ``chromium`` is found and we are root). A page fails w
 * an internal link points at a file that does not exist, or at an ``#anchor`` that is no
   element id of its target page;
 * its navigation sidebar does not reach every document of the table of contents (and every
-  document of the table of contents must have been built).
+  document of the table of contents must have been built);
+* a cell's output is wider than the content column at the width a reader opens the book with
+  (``VIEWPORT``, 1300 px): a line of text (or a table) the reader would have to scroll sideways
+  to read;
+* an image of the page's content is not inside a figure with a caption (a ``{glue:figure}`` or
+  a MyST figure: numbered, captioned, citable by ``{numref}``).
+
+Each page's line also counts the code cells whose input is shown unfolded (``hide-input``
+folds a cell's code behind a toggle). ``--pending PAGE`` (repeatable) lists pages whose
+presentation is still being reworked: their clipped outputs and uncaptioned figures are printed
+as ``pending`` without failing the page; every other check still applies to them.
 
 Prints one line per page (and one per problem) and exits non-zero if any page fails.
 Playwright is used with the system's Chromium (``executable_path``): it downloads nothing.
@@ -42,6 +52,7 @@ DEFAULT_HTML = Path("_build/ci/_build/html")
 DEFAULT_TOC = Path("book/_toc.yml")
 SKIP_DIRS = {"_static", "_sources", "_images"}  # assets, not pages
 NAV_SELECTOR = "nav.bd-docs-nav"  # sphinx-book-theme's left sidebar
+VIEWPORT = {"width": 1300, "height": 900}  # a laptop's browser window
 STDERR_ERROR = re.compile(r"Traceback|\b[A-Za-z]*Error\b")
 
 # Runs in the page once it has loaded: the facts the checks need, read from the live DOM.
@@ -64,7 +75,50 @@ async (navSelector) => {
     tracebacks: Array.from(document.querySelectorAll(".output.traceback"))
       .map((e) => e.innerText),
     stderr: Array.from(document.querySelectorAll(".output.stderr")).map((e) => e.innerText),
+    clipped: clippedOutputs(),
+    uncaptioned: uncaptionedImages(),
+    shownInputs: Array.from(document.querySelectorAll(".cell_input"))
+      .filter(visible).length,
   };
+
+  // Rendered for the reader: not display:none and not inside a closed <details> (a fold).
+  function visible(e) {
+    return e.checkVisibility ? e.checkVisibility() : e.getClientRects().length > 0;
+  }
+
+  // Outputs a reader sees (not folded away) that are wider than the box they are shown in.
+  function clippedOutputs() {
+    const found = [];
+    for (const output of document.querySelectorAll(".cell_output")) {
+      if (!visible(output)) continue;  // folded (hide-output)
+      const box = output.getBoundingClientRect().width;
+      for (const el of output.querySelectorAll("pre, table")) {
+        if (!visible(el)) continue;
+        const over = el.tagName === "PRE"
+          ? el.scrollWidth - el.clientWidth
+          : el.getBoundingClientRect().width - box;
+        if (over > 1) {
+          const lines = el.innerText.split("\\n");
+          const longest = lines.reduce((a, b) => (b.length > a.length ? b : a), "");
+          found.push({tag: el.tagName.toLowerCase(), over: Math.round(over),
+                      line: el.tagName === "PRE" ? longest : lines[0]});
+        }
+      }
+    }
+    return found;
+  }
+
+  // Images of the page's content that are not in a <figure> with a non-empty <figcaption>.
+  function uncaptionedImages() {
+    const content = document.querySelector("article") || document.body;
+    return Array.from(content.querySelectorAll("img"))
+      .filter((img) => {
+        const figure = img.closest("figure");
+        const caption = figure && figure.querySelector("figcaption");
+        return !(caption && caption.innerText.trim());
+      })
+      .map((img) => img.getAttribute("src") || "");
+  }
 }
 """
 
@@ -77,6 +131,8 @@ class PageReport:
     problems: list[str] = field(default_factory=list)
     images: int = 0
     links: int = 0
+    shown_inputs: int = 0  # code cells whose input is not folded
+    pending: list[str] = field(default_factory=list)  # presentation problems of a --pending page
 
     @property
     def ok(self) -> bool:
@@ -169,11 +225,13 @@ def check_book(
     toc_docs: list[str] | None = None,
     chromium: str,
     pages: list[str] | None = None,
+    pending: set[str] = frozenset(),
 ) -> list[PageReport]:
     """Open every page of ``html_dir`` in headless Chromium and check it (see the module doc).
 
     ``toc_docs`` (document names without suffix) enables the navigation check; ``pages``
-    restricts the pages opened (default: every HTML page).
+    restricts the pages opened (default: every HTML page); on the ``pending`` pages, clipped
+    outputs and uncaptioned figures go to ``PageReport.pending`` instead of failing the page.
     """
     from playwright.sync_api import sync_playwright
 
@@ -184,7 +242,7 @@ def check_book(
     links: dict[str, list[str]] = {}
     with serve(html_dir) as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium)
-        context = browser.new_context()
+        context = browser.new_context(viewport=VIEWPORT)
         outside: list[str] = []
 
         def only_local(route) -> None:
@@ -234,6 +292,15 @@ def check_book(
             for text in facts["stderr"]:
                 if match := STDERR_ERROR.search(text):
                     problems.append(f"stderr output with {match.group(0)!r}: {_first_line(text)}")
+            layout = report.pending if name in pending else problems
+            for clip in facts["clipped"]:
+                layout.append(
+                    f"output {clip['tag']} wider than the content column by {clip['over']} px: "
+                    f"{clip['line'].strip()[:100]!r}"
+                )
+            for src in facts["uncaptioned"]:
+                layout.append(f"figure without a caption: {src}")
+            report.shown_inputs = facts["shownInputs"]
             report.images = len(facts["images"])
             for image in facts["images"]:
                 if not image["ok"]:
@@ -340,6 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--toc", type=Path, default=DEFAULT_TOC, help="the book's _toc.yml")
     parser.add_argument("--chromium", help="Chromium executable (default: chromium on PATH)")
     parser.add_argument(
+        "--pending",
+        action="append",
+        default=[],
+        metavar="PAGE",
+        help="a page (e.g. notebooks/08_scperceiver.html) whose clipped outputs and "
+        "uncaptioned figures are reported without failing it",
+    )
+    parser.add_argument(
         "--browser-only", action="store_true", help="install Chromium if missing, then exit"
     )
     args = parser.parse_args(argv)
@@ -352,11 +427,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no built book in {args.html_dir} (run `make check-book`)", file=sys.stderr)
         return 1
     toc_docs = toc_documents(args.toc) if args.toc else None
-    reports = check_book(args.html_dir, toc_docs=toc_docs, chromium=chromium)
+    pending = {p if p.endswith(".html") else f"{p}.html" for p in args.pending}
+    reports = check_book(args.html_dir, toc_docs=toc_docs, chromium=chromium, pending=pending)
     width = max(len(r.page) for r in reports)
     for r in reports:
         state = "ok  " if r.ok else "FAIL"
-        print(f"{state} {r.page:<{width}}  {r.images:3d} images  {r.links:4d} internal links")
+        print(
+            f"{state} {r.page:<{width}}  {r.images:3d} images  {r.links:4d} internal links  "
+            f"{r.shown_inputs:3d} code cells unfolded"
+        )
+        for problem in r.pending:
+            print(f"       - pending: {problem}")
         for problem in r.problems:
             print(f"       - {problem}")
     failed = [r for r in reports if not r.ok]

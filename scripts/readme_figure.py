@@ -2,10 +2,11 @@
 
     python scripts/readme_figure.py PAGE.html --section ID [--index N] [--out PATH]
 
-PAGE.html is a chapter of the built book (e.g. ``_build/cpu/_build/html/notebooks/
-04_ablations.html``); ``--section`` is the id of the section holding the figure (the anchor
-of its heading, as in ``04_ablations.html#figure-1-loss-curves-of-the-variants``) and
-``--index`` picks among the images of that section (default: the first). The image file the
+PAGE.html is a page of the built book (``make readme-figure`` uses the results page,
+``_build/cpu/_build/html/notebooks/study_at_a_glance.html``); ``--section`` is the id of the
+figure (a ``{glue:figure}``'s ``:name:``, as in ``study_at_a_glance.html#fig-glance-why``) or
+of the section holding it (the anchor of its heading), and ``--index`` picks among the images
+there (default: the first). The image file the
 page shows is copied to ``--out`` (default ``book/figures/key_figure.png``), so the README shows
 exactly what the book shows. ``make readme-figure`` runs this on the last ``make book``.
 """
@@ -23,22 +24,22 @@ DEFAULT_OUT = Path("book/figures/key_figure.png")
 
 
 class _SectionImages(html.parser.HTMLParser):
-    """``src`` of every ``<img>`` with the ids of the ``<section>`` elements around it."""
+    """``src`` of every ``<img>`` with the ids of the ``<section>``/``<figure>`` around it."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stack: list[str | None] = []  # ids of the open <section> elements
+        self.stack: list[str | None] = []  # ids of the open <section> and <figure> elements
         self.images: list[tuple[str, set[str]]] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         values = dict(attrs)
-        if tag == "section":
+        if tag in ("section", "figure"):
             self.stack.append(values.get("id"))
         elif tag == "img" and values.get("src"):
             self.images.append((values["src"], {s for s in self.stack if s}))
 
     def handle_endtag(self, tag: str) -> None:
-        if tag == "section" and self.stack:
+        if tag in ("section", "figure") and self.stack:
             self.stack.pop()
 
 

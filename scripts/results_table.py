@@ -1,121 +1,136 @@
-"""Write the README's results table from the experiment runner's stored runs.
+"""Write the README's results table: the table of "The study at a glance", copied from the book.
 
-Reads every run of one profile in the results directory (``$SCVIT_RESULTS_DIR``, default
-``./results``), averages each model over its seeds (mean ± sd, final-epoch weights, main
-cell-type labels) and replaces the text between the README's ``<!-- results:start -->`` and
-``<!-- results:end -->`` markers.
+    python scripts/results_table.py PAGE.html [--section ID] [--readme README.md] [--check]
 
-    python scripts/results_table.py [--profile cpu] [--readme README.md] [--check]
+PAGE.html is the results page of a built book (``make results-table`` passes
+``_build/<profile>/_build/html/notebooks/study_at_a_glance.html``, the last ``make book``);
+the table in its section ``--section`` (default ``the-results-table``) is the one a cell of
+that page computes from the cached runs, so the README shows exactly the book's numbers. It
+replaces the text between the README's ``<!-- results:start -->`` and ``<!-- results:end -->``
+markers; ``--check`` only says whether the README is current.
 """
 
 from __future__ import annotations
 
 import argparse
+import html.parser
 import json
 import os
 import re
 import sys
 from pathlib import Path
 
-import pandas as pd
-
-from scvit_core.experiments import results_table, summarise
-
-METRICS = {
-    "reconstruction_loss": "test NLL per cell",
-    "mlp_accuracy": "MLP accuracy",
-    "knn_accuracy": "kNN accuracy",
-    "wall_time_s": "training time (s)",
-}
-MODEL_ORDER = ("scvi", "scvit", "untrained_scvit", "pca", "null_nb", "null_nb_library")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ROOT = Path(__file__).resolve().parents[1]
+PAGE_SOURCE = "notebooks/study_at_a_glance.ipynb"
+SECTION = "the-results-table"
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
-    rows = [list(map(str, frame.columns)), *frame.astype(str).to_numpy().tolist()]
-    lines = ["| " + " | ".join(row) + " |" for row in rows]
-    lines.insert(1, "|" + "---|" * len(frame.columns))
+class _SectionTables(html.parser.HTMLParser):
+    """The rows (lists of cell texts) of every ``<table>``, with the ids of its sections."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[set[str]] = []  # ids of the open <section> elements
+        self.tables: list[tuple[list[list[str]], set[str]]] = []
+        self.cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "section":
+            self.stack.append({values["id"]} if values.get("id") else set())
+        elif tag == "span" and values.get("id") and self.stack:
+            self.stack[-1].add(values["id"])  # a label's target (`(name)=` before a heading)
+        elif tag == "table":
+            self.tables.append(([], set().union(*self.stack)))
+        elif tag == "tr" and self.tables:
+            self.tables[-1][0].append([])
+        elif tag in ("td", "th"):
+            self.cell = []
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "section" and self.stack:
+            self.stack.pop()
+        elif tag in ("td", "th") and self.cell is not None and self.tables:
+            self.tables[-1][0][-1].append(" ".join("".join(self.cell).split()))
+            self.cell = None
+
+
+def section_table(page: Path, section: str) -> list[list[str]]:
+    """Rows of the first table in ``section`` of ``page`` (header first)."""
+    parser = _SectionTables()
+    parser.feed(page.read_text(encoding="utf-8"))
+    for rows, sections in parser.tables:
+        if section in sections:
+            return [row for row in rows if row]
+    raise SystemExit(f"no table in section #{section} of {page}")
+
+
+def markdown(rows: list[list[str]]) -> str:
+    width = max(len(row) for row in rows)
+    rows = [row + [""] * (width - len(row)) for row in rows]
+    lines = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * width)
     return "\n".join(lines)
 
 
-def _dataset_table(table: pd.DataFrame) -> str:
-    summary = summarise(table, list(METRICS))
-    seeds = summary.groupby("name")["seeds"].max()
-    summary["cell"] = [
-        f"{m:,.4g}" if s < 2 or pd.isna(sd) else f"{m:,.4g} ± {sd:,.2g}"
-        for m, sd, s in zip(summary["mean"], summary["std"], summary["seeds"], strict=True)
-    ]
-    wide = summary.pivot(index="name", columns="metric", values="cell")
-    model_of = table.drop_duplicates("name").set_index("name")["model"]
-    rank = {m: i for i, m in enumerate(MODEL_ORDER)}
-    order = sorted(seeds.index, key=lambda n: (rank.get(model_of[n], len(rank)), n))
-    wide = wide.reindex(index=order, columns=list(METRICS)).rename(columns=METRICS).fillna("")
-    wide.insert(0, "seeds", seeds.reindex(wide.index))
-    return _markdown_table(wide.reset_index().rename(columns={"name": "model"}))
+def block(page: Path, section: str) -> str:
+    profile = page.parts[page.parts.index("_build") + 1] if "_build" in page.parts else "?"
+    intro = (
+        f"Profile `{profile}`: the results table of [The study at a glance]({PAGE_SOURCE}), "
+        "copied from the last book build by `make results-table` (mean ± sd over seeds; test "
+        "cells; final-epoch weights). Training times are wall-clock seconds on the machine that "
+        "made each run; runs that shared its cores with other jobs took longer, so compare "
+        "speeds with `make benchmarks` (ratios measured in one run), not with this column."
+    )
+    table = markdown(section_table(page, section))
+    return f"{START}\n{intro}\n\n{table}{provenance(page, profile)}\n{END}"
 
 
-def markdown(profile: str) -> str:
-    table = results_table()
-    table = table[table["profile"] == profile]
-    if table.empty:
-        raise SystemExit(f"no stored runs of profile {profile!r}: run `make book` first")
-    lines = [
-        f"Profile `{profile}`, generated by `python scripts/results_table.py` from the runs in "
-        "`results/` (mean ± sd over seeds; test cells; final-epoch weights; one table per "
-        "dataset). Training times are wall-clock seconds on the machine that made each run; runs "
-        "that shared its cores with other jobs took longer, so compare speeds with "
-        "`make benchmarks` (ratios measured in one run), not with this column.",
-    ]
-    datasets = table["dataset"].value_counts().index  # the main dataset has the most runs
-    for dataset in datasets:
-        lines += ["", f"**{dataset}**", "", _dataset_table(table[table["dataset"] == dataset])]
-    commits = sorted({str(c)[:10] for c in table.get("git_commit", pd.Series(dtype=str)).dropna()})
-    if commits:
-        lines += [
-            "",
-            f"Runs made at commit{'s' if len(commits) > 1 else ''}: {', '.join(commits)}.",
-        ]
-    build = ROOT / "_build" / profile / "build_time.json"
+def provenance(page: Path, profile: str) -> str:
+    """The commits that made the stored runs of ``profile`` and the last build's wall time."""
+    from scvit_core.experiments import results_table
+
+    runs = results_table()
+    runs = runs[runs["profile"] == profile] if not runs.empty else runs
+    text = ""
+    if not runs.empty:
+        commits = sorted({str(c)[:10] for c in runs["git_commit"].dropna()})
+        text += f"\n\nRuns made at commit{'s' if len(commits) > 1 else ''}: {', '.join(commits)}."
+    build = page.parents[len(page.parts) - page.parts.index("_build") - 3] / "build_time.json"
     if build.exists():
         info = json.loads(build.read_text())
-        lines[-1] += (
-            f" The `make book` that made them (profile `{info['profile']}`, commit "
-            f"{info['commit']}, starting with {info['runs_before']} stored runs) took "
-            f"{info['seconds'] / 60:.0f} min on {_hardware(table)} (`{build.relative_to(ROOT)}`)."
+        text += (
+            f" The `make book` that built the page (commit {info['commit']}, starting with "
+            f"{info['runs_before']} stored runs) took {info['seconds'] / 60:.0f} min on "
+            f"{os.cpu_count()} CPU cores ({build.name} of `_build/{info['profile']}`)."
         )
-    return "\n".join(lines)
+    return text
 
 
-def _hardware(table: pd.DataFrame) -> str:
-    from scvit_core.experiments import results_dir
-
-    keys = table["key"].unique()
-    found = {
-        json.loads((results_dir() / k / "provenance.json").read_text())["hardware"].split(" (")[0]
-        for k in keys
-    }
-    cores = os.cpu_count()
-    return f"{' / '.join(sorted(found))} ({cores} cores)"
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--readme", default=str(Path(__file__).resolve().parents[1] / "README.md"))
+    parser.add_argument("page", type=Path, help="the built results page (.html)")
+    parser.add_argument("--section", default=SECTION, help="id of the section with the table")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).parents[1] / "README.md")
     parser.add_argument("--check", action="store_true", help="exit 1 if the README is stale")
-    args = parser.parse_args()
-    readme = Path(args.readme)
-    text = readme.read_text()
+    args = parser.parse_args(argv)
+    if not args.page.is_file():
+        print(f"no built page {args.page}: build the book first (make book)", file=sys.stderr)
+        return 1
+    text = args.readme.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    block = f"{START}\n{markdown(args.profile)}\n{END}"
-    updated = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+        raise SystemExit(f"{args.readme} has no {START} ... {END} markers")
+    new = block(args.page, args.section)
+    updated = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: new, text, flags=re.S)
     if args.check:
         print("README results table is", "current" if updated == text else "STALE")
         return 0 if updated == text else 1
-    readme.write_text(updated)
-    print(f"updated the results table in {readme}")
+    args.readme.write_text(updated)
+    print(f"{args.page}#{args.section} -> the results table of {args.readme}")
     return 0
 
 

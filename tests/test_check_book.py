@@ -34,7 +34,12 @@ def site(tmp_path: Path) -> Path:
     (tmp_path / "img.png").write_bytes(PIXEL)
     (tmp_path / "index.html").write_text(page('<p id="top">home <a href="good.html#fig">x</a></p>'))
     (tmp_path / "good.html").write_text(
-        page('<section id="fig"><img src="img.png"></section><a href="index.html#top">up</a>')
+        page(
+            '<section id="fig"><figure><img src="img.png"><figcaption>Fig. 1 a pixel</figcaption>'
+            '</figure></section><a href="index.html#top">up</a>'
+            '<div class="cell_output" style="width: 300px"><pre>a short line</pre>'
+            "<details><pre>" + "folded " * 100 + "</pre></details></div>"
+        )
     )
     (tmp_path / "bad.html").write_text(
         page(
@@ -43,6 +48,10 @@ def site(tmp_path: Path) -> Path:
             '<div class="output traceback"><pre>ValueError: boom</pre></div>'
             '<div class="output stderr"><pre>Traceback (most recent call last):</pre></div>'
             '<div class="output stderr"><pre>a harmless warning</pre></div>'
+            '<div class="cell_output" style="width: 300px">'
+            '<pre style="overflow-x: auto">' + "a very long line " * 40 + "</pre>"
+            '<table><tr><td style="min-width: 900px">wide</td></tr></table></div>'
+            '<figure><img src="img.png"><figcaption> </figcaption></figure>'
             "<script>undefinedFunction();</script>",
             nav='<nav class="bd-docs-nav"><a href="index.html">home</a></nav>',
         )
@@ -67,6 +76,12 @@ def test_good_pages_pass_and_a_broken_page_fails(site: Path):
     assert "harmless" not in problems
     assert "uncaught JavaScript" in problems
     assert "navigation does not reach: good" in problems
+    assert "output pre wider than the content column" in problems
+    assert "'a very long line a very long line" in problems
+    assert "output table wider than the content column" in problems
+    assert "figure without a caption: missing.png" in problems
+    assert "figure without a caption: img.png" in problems  # an empty caption
+    assert "folded" not in "\n".join(by_page["good.html"].problems)
 
 
 def test_a_toc_document_that_was_not_built_fails(site: Path):
@@ -91,3 +106,20 @@ def test_toc_documents_reads_jupyter_book_tocs(tmp_path: Path):
         "notebooks/01b",
         "book/references",
     ]
+
+
+def test_a_pending_page_reports_layout_problems_without_failing(site: Path):
+    (site / "bad.html").write_text(
+        page(
+            '<div class="cell_output" style="width: 300px">'
+            '<pre style="overflow-x: auto">' + "a very long line " * 40 + "</pre></div>"
+            '<img src="img.png">'
+        )
+    )
+    reports = check_book.check_book(
+        site, chromium=CHROMIUM, pages=["bad.html"], pending={"bad.html"}
+    )
+    assert reports[0].ok, reports[0].problems
+    pending = "\n".join(reports[0].pending)
+    assert "wider than the content column" in pending
+    assert "figure without a caption: img.png" in pending
