@@ -421,7 +421,7 @@ def run_many(
         Runs trained at once, each in its own process with ``threads / workers`` of this
         process's torch threads, the last to start with all of them (default
         ``$SCVIT_WORKERS``, else 1: one run at a time, in this process).
-        On a 2-core CPU two one-thread runs finish about 1.3 times sooner than one two-thread
+        On a 2-core CPU two one-thread runs finish about 1.3-1.6 times sooner than one two-thread
         run after the other (small matrices use a second thread poorly); on one GPU keep 1.
         The numbers do not depend on it beyond floating-point summation order.
     **kwargs
@@ -432,7 +432,11 @@ def run_many(
     list of ExperimentResult
         In the order of ``specs``.
     """
-    workers = int(os.environ.get(WORKERS_ENV, "1")) if workers is None else workers
+    if workers is None:
+        text = os.environ.get(WORKERS_ENV, "1")
+        if not text.strip().isdigit():
+            raise ValueError(f"${WORKERS_ENV} must be a whole number of runs at once, got {text!r}")
+        workers = int(text)
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers} (from ${WORKERS_ENV}?)")
     directory = results_dir(kwargs.get("directory"))

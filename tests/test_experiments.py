@@ -136,7 +136,7 @@ def test_changing_a_models_code_invalidates_its_runs_only(monkeypatch, tmp_path)
     }
 
 
-def test_run_many_in_parallel_stores_the_same_runs(tmp_path, capsys):
+def test_run_many_in_parallel_stores_the_same_runs(tmp_path, capsys, monkeypatch):
     """Two worker processes train the uncached specs; the results are those of a serial run."""
     specs = [
         ExperimentSpec.make("null_nb", profile="ci"),
@@ -152,3 +152,6 @@ def test_run_many_in_parallel_stores_the_same_runs(tmp_path, capsys):
         assert a.provenance["run_time_s"] > 0
     with pytest.raises(ValueError, match="workers must be at least 1"):
         run_many(specs, directory=tmp_path, workers=0)
+    monkeypatch.setenv("SCVIT_WORKERS", "two")
+    with pytest.raises(ValueError, match="SCVIT_WORKERS must be a whole number"):
+        run_many(specs, directory=tmp_path)
