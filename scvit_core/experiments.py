@@ -448,6 +448,7 @@ def run_many(
     )
     seconds: dict[str, float] = {}
     if workers > 1 and len(pending) > 1:
+        pending.sort(key=_expected_cost, reverse=True)  # longest first: no long run starts last
         seconds = _run_parallel(pending, min(workers, len(pending)), kwargs)
         kwargs = {**kwargs, "force": False}  # every pending run is now stored
     results = []
@@ -464,6 +465,23 @@ def run_many(
         print(f"[{i}/{len(specs)}] {spec.name} (seed {spec.seed}): {state}", flush=True)
         results.append(result)
     return results
+
+
+# Rough cost of a run on a CPU relative to scViT at the profile's epochs, for ordering a pool
+# longest first (only the order matters): scPerceiver trains for its own longer budget, scVI's
+# cost grows with its epochs (400 at its default budget on small data cost about one scViT run),
+# and PCA, the nulls and untrained scViT take seconds.
+_RELATIVE_COST = {"perceiver": 2.5, "scvit": 1.0}
+
+
+def _expected_cost(spec: ExperimentSpec) -> float:
+    if spec.model == "scvi":
+        epochs = spec.epochs if isinstance(spec.epochs, int) else get_profile(spec.profile).epochs
+        cost = (400 if spec.epochs == DEFAULT_BUDGET else epochs) / 400
+    else:
+        cost = _RELATIVE_COST.get(spec.model, 0.001)
+    width = float(dict(spec.options).get("width", 1.0))
+    return cost * spec.train_fraction * width**2
 
 
 def _run_parallel(

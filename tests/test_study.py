@@ -1,0 +1,76 @@
+"""The study's runs in one place: every chapter's specs, and the book's prefetch pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from scvit_core import experiments, study
+from scvit_core.experiments import DEFAULT_BUDGET, ExperimentSpec
+from scvit_core.profiles import get_profile
+
+
+def test_book_specs_hold_every_chapter_run_once():
+    profile = get_profile("cpu")
+    specs = study.book_specs("cpu")
+    keys = [s.key for s in specs]
+    assert len(keys) == len(set(keys))
+    chapters = [
+        study.seeded("scvit", profile="cpu") + study.nulls(profile="cpu"),  # 02
+        study.flat(study.comparison(profile="cpu")),  # 03
+        study.flat(study.comparison("pbmc68k", profile="cpu")),
+        study.flat(study.scvit_ablation(profile="cpu")),  # 04
+        study.flat(study.scvit_ablation(report_only=True, profile="cpu")),  # 07
+        study.flat(study.perceiver_comparison(profile="cpu")),  # 08
+        study.flat(study.perceiver_ablation(profile="cpu")),
+        study.flat(study.perceiver_comparison("pbmc68k", profile="cpu")),
+        # 05 and 06 read single runs of seed 0 (and seed 1 of the faithful model)
+        [ExperimentSpec.for_profile("scvit", profile="cpu", seed=s) for s in (0, 1)]
+        + [ExperimentSpec.for_profile("scvit", profile="cpu", seed=0, conv_stem=False)]
+        + [ExperimentSpec.for_profile("scvi", profile="cpu", dataset="pbmc68k", seed=0)],
+    ]
+    for chapter in chapters:
+        assert {s.key for s in chapter} <= set(keys)
+    # seeds: the report's variants and the full models every seed, reverted fixes fewer
+    ablation = study.scvit_ablation(profile="cpu")
+    assert [s.seed for s in ablation["no attention"]] == list(range(profile.n_seeds))
+    assert [s.seed for s in ablation["bigger"]] == list(profile.variant_seeds)
+    perceiver = study.perceiver_ablation(profile="cpu")
+    assert [s.seed for s in perceiver["scPerceiver"]] == list(range(profile.n_seeds))
+    assert [s.seed for s in perceiver["no input masking"]] == list(profile.variant_seeds)
+    assert dict(perceiver["library scaling off"][0].options) == {"library_scaling": False}
+    assert all(s.profile == "cpu" for s in specs)
+    assert {s.dataset for s in specs} == {profile.dataset, study.SECOND_DATASET}
+    budgets = {s.epochs for s in specs if s.model == "scvi"}
+    assert budgets == {None, DEFAULT_BUDGET, profile.scvi_long_epochs}
+
+
+def test_a_pool_starts_the_longest_runs_first(tmp_path, monkeypatch):
+    """A pool orders its runs by expected cost, so no long run starts last."""
+    started = []
+
+    class Stop(Exception):
+        pass
+
+    def record(specs, workers, kwargs):
+        started.extend(specs)
+        raise Stop
+
+    monkeypatch.setattr(experiments, "_run_parallel", record)
+    specs = [
+        ExperimentSpec.make("null_nb", profile="ci"),
+        ExperimentSpec.make("scvi", profile="ci", epochs=1),
+        ExperimentSpec.make("scvit", profile="ci", train_fraction=0.5),
+        ExperimentSpec.make("perceiver", profile="ci"),
+        ExperimentSpec.make("scvi", profile="ci", epochs=DEFAULT_BUDGET),
+    ]
+    with pytest.raises(Stop):
+        experiments.run_many(specs, directory=tmp_path, workers=2)
+    assert [s.model for s in started] == ["perceiver", "scvi", "scvit", "scvi", "null_nb"]
+    assert started[1].epochs == DEFAULT_BUDGET
+
+
+def test_main_lists_the_runs(capsys):
+    study.main(["--profile", "ci", "--list"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{len(study.book_specs('ci'))} runs in profile ci"
+    assert len(out) == len(study.book_specs("ci")) + 1
