@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--list", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     chosen: Profile = get_profile(args.profile)
     specs = book_specs(chosen.name)
     if args.list:

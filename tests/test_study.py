@@ -74,3 +74,9 @@ def test_main_lists_the_runs(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"{len(study.book_specs('ci'))} runs in profile ci"
     assert len(out) == len(study.book_specs("ci")) + 1
+
+
+def test_main_rejects_no_workers(capsys):
+    with pytest.raises(SystemExit):
+        study.main(["--profile", "ci", "--workers", "0"])
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
