@@ -404,6 +404,10 @@ def training_epochs(spec: ExperimentSpec, n_train: int) -> int:
     return min(epochs, profile.max_epochs) if profile.max_epochs else epochs
 
 
+GRAD_NORM_EVERY = 5
+"""An autoencoder run records each block's gradient norm every this many optimiser steps, in
+``<run>/grad_norms.csv`` (read by the diagnosis chapter; recording does not change training)."""
+
 WORKERS_ENV = "SCVIT_WORKERS"
 """Environment variable: how many runs :func:`run_many` trains at once (default 1)."""
 
@@ -620,8 +624,10 @@ def _run_autoencoder(spec, adata, epochs, out_dir, progress):
         seed=spec.seed,
         output_dir=out_dir / "training",
         enable_progress_bar=progress,
+        grad_norm_every=GRAD_NORM_EVERY,
     )
     wall = time.perf_counter() - start
+    model.train_result.grad_norms.to_csv(out_dir / "grad_norms.csv", index=False)
     with warnings.catch_warnings():
         # A difference between the final and the best checkpoint is recorded, not warned.
         warnings.simplefilter("ignore", UserWarning)

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from scvit_core import _constants as K
 from scvit_core.experiments import (
+    GRAD_NORM_EVERY,
     ExperimentSpec,
     prepare_data,
     results_table,
@@ -78,6 +80,10 @@ def test_scvit_run_reuses_its_model_and_fills_the_table(tmp_path):
         assert 0 <= result.value("knn_accuracy", label_key=K.CELL_TYPE, checkpoint=checkpoint) <= 1
     assert result.value("n_parameters") > 1e6 and result.value("cells_per_s") > 0
     assert list(result.history["epoch"]) == [1]
+    # the gradient norms of training, recorded by the run (the diagnosis chapter reads them)
+    norms = pd.read_csv(result.directory / "grad_norms.csv")
+    assert set(norms.columns) == {"step", "epoch", "group", "grad_norm"}
+    assert (norms["step"] % GRAD_NORM_EVERY == 0).all() and (norms["grad_norm"] >= 0).all()
     # the trained model is stored and reused: same test error without retraining
     model = result.load_model()
     rec = model.get_reconstruction_error(split="test")["reconstruction_loss"]
