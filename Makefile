@@ -52,8 +52,8 @@ test: $(STAMP)
 JB_BUILD = $(VENV)/bin/jupyter-book build . --toc $(BOOK_TOC) -W -n --keep-going --path-output
 # Runs train two at a time on a CPU (one thread each: ~1.3x sooner on 2 cores), one on a GPU.
 BOOK_WORKERS ?= $(if $(filter paper,$(BOOK_PROFILE)),1,2)
-# Every run of the book trains first, in one pool of BOOK_WORKERS, longest first
-# (scvit_core.study); the notebooks then read them from the cache.
+# Every run of the book trains first, in one pool of BOOK_WORKERS, longest first, and its
+# diagnoses are computed (scvit_core.study); the notebooks then read them from the cache.
 # The build's wall time goes to $(BOOK_DIR)/build_time.json (the README's results table says it).
 book: $(STAMP)
 	@start=$$(date +%s); before=$$(ls -d $(SCVIT_RESULTS_DIR)/*/ 2>/dev/null | wc -l); \

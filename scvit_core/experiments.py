@@ -412,6 +412,14 @@ WORKERS_ENV = "SCVIT_WORKERS"
 """Environment variable: how many runs :func:`run_many` trains at once (default 1)."""
 
 
+def workers_from_env() -> int:
+    """Runs trained at once by default: ``$SCVIT_WORKERS``, else 1."""
+    text = os.environ.get(WORKERS_ENV, "1")
+    if not text.strip().isdigit():
+        raise ValueError(f"${WORKERS_ENV} must be a whole number of runs at once, got {text!r}")
+    return int(text)
+
+
 def run_many(
     specs: list[ExperimentSpec], *, workers: int | None = None, **kwargs: Any
 ) -> list[ExperimentResult]:
@@ -437,10 +445,7 @@ def run_many(
         In the order of ``specs``.
     """
     if workers is None:
-        text = os.environ.get(WORKERS_ENV, "1")
-        if not text.strip().isdigit():
-            raise ValueError(f"${WORKERS_ENV} must be a whole number of runs at once, got {text!r}")
-        workers = int(text)
+        workers = workers_from_env()
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers} (from ${WORKERS_ENV}?)")
     directory = results_dir(kwargs.get("directory"))

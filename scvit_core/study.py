@@ -3,8 +3,9 @@
 The chapters build their specs from these functions, and :func:`book_specs` lists every run of
 the book, so ``python -m scvit_core.study`` trains them all in one pool before the book is
 built (``make book`` does): two runs train at once from the first to the last, longest first,
-instead of one pool per chapter each ending with an idle core. The notebooks then read every
-run from the cache. Labels are display names, not part of a run's key
+instead of one pool per chapter each ending with an idle core. It then computes the book's
+diagnoses (:func:`diagnosed_specs`) two at a time. The notebooks read every run and report
+from the cache. Labels are display names, not part of a run's key
 (:attr:`~scvit_core.experiments.ExperimentSpec.key`): a chapter may relabel a run and still
 read it from the cache.
 """
@@ -17,7 +18,14 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _constants as K
-from .experiments import DEFAULT_BUDGET, ExperimentSpec, prepare_data, results_dir, run_many
+from .experiments import (
+    DEFAULT_BUDGET,
+    ExperimentSpec,
+    prepare_data,
+    results_dir,
+    run_many,
+    workers_from_env,
+)
 from .profiles import Profile, get_profile
 
 SECOND_DATASET = "pbmc68k"
@@ -224,12 +232,78 @@ def book_specs(profile: str | None = None) -> list[ExperimentSpec]:
     return list(unique.values())
 
 
+def diagnosis_options(profile: str | None = None) -> dict[str, Any]:
+    """Options of :func:`interpret.diagnose_run` for every diagnosis of the book.
+
+    Every test cell and 16 explained cells per attribution; 300 cells and 4 in profile ``ci``.
+    A report is cached beside its run whatever its options, so every chapter uses these.
+    """
+    small = get_profile(profile).name == "ci"
+    return {"max_cells": 300 if small else None, "attribution_cells": 4 if small else 16}
+
+
+def diagnosed_specs(profile: str | None = None) -> list[ExperimentSpec]:
+    """The runs the book diagnoses: seed 0 of scViT (legacy and corrected) and scPerceiver."""
+    name = get_profile(profile).name
+    return [
+        ExperimentSpec.for_profile("scvit", profile=name, seed=0),
+        ExperimentSpec.for_profile("scvit", profile=name, seed=0, likelihood="corrected"),
+        ExperimentSpec.for_profile("perceiver", profile=name, seed=0),
+    ]
+
+
+def diagnose_book(profile: str | None = None, *, workers: int = 1) -> int:
+    """Compute the book's diagnoses that are not cached, ``workers`` at a time; how many.
+
+    Each in its own process with a share of the torch threads, as :func:`run_many` trains.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    name = get_profile(profile).name
+    directory = results_dir()
+    pending = [
+        s
+        for s in diagnosed_specs(name)
+        if not (directory / s.key / "diagnosis" / "diagnosis.json").exists()
+    ]
+    if workers <= 1 or len(pending) <= 1:
+        for spec in pending:
+            _diagnose(spec, diagnosis_options(name), torch.get_num_threads())
+        return len(pending)
+    workers = min(workers, len(pending))
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        jobs = [pool.submit(_diagnose, s, diagnosis_options(name), threads) for s in pending]
+        for job in jobs:
+            job.result()  # a failed diagnosis raises here
+    return len(pending)
+
+
+def _diagnose(spec: ExperimentSpec, options: dict[str, Any], threads: int) -> None:
+    import warnings
+
+    import torch
+
+    from interpret import diagnose_run
+
+    from .experiments import run
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    diagnose_run(run(spec), progress=False, **options)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m scvit_core.study``: train (or find in the cache) every run of the book."""
     parser = argparse.ArgumentParser(
         prog="python -m scvit_core.study",
         description="Train every run the book reads under a profile, longest first, in one "
-        "pool of workers (the notebooks then read them from the results cache).",
+        "pool of workers, then compute the book's diagnoses (interpret.diagnose_run); the "
+        "notebooks read both from the results cache.",
     )
     parser.add_argument("--profile", help="default: $SCVIT_PROFILE, else cpu")
     parser.add_argument(
@@ -253,6 +327,14 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"profile {chosen.name}: {len(specs)} runs of the book, {len(specs) - stored} trained "
         f"in {time.perf_counter() - start:.0f} s, {stored} read from the cache",
+        flush=True,
+    )
+    start = time.perf_counter()
+    workers = args.workers if args.workers is not None else workers_from_env()
+    done = diagnose_book(chosen.name, workers=workers)
+    print(
+        f"{len(diagnosed_specs(chosen.name))} diagnoses of the book, {done} computed in "
+        f"{time.perf_counter() - start:.0f} s",
         flush=True,
     )
 

@@ -80,3 +80,20 @@ def test_main_rejects_no_workers(capsys):
     with pytest.raises(SystemExit):
         study.main(["--profile", "ci", "--workers", "0"])
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_book_diagnoses_what_it_reads(tmp_path, monkeypatch):
+    """The cached reports are skipped; the others are computed with the book's options."""
+    assert study.diagnosis_options("ci") == {"max_cells": 300, "attribution_cells": 4}
+    assert study.diagnosis_options("cpu") == {"max_cells": None, "attribution_cells": 16}
+    specs = study.diagnosed_specs("ci")
+    assert [s.model for s in specs] == ["scvit", "scvit", "perceiver"]
+    assert {s.key for s in specs} <= {s.key for s in study.book_specs("ci")}
+    monkeypatch.setenv("SCVIT_RESULTS_DIR", str(tmp_path))
+    cached = tmp_path / specs[1].key / "diagnosis"
+    cached.mkdir(parents=True)
+    (cached / "diagnosis.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(study, "_diagnose", lambda spec, options, threads: calls.append(spec))
+    assert study.diagnose_book("ci", workers=1) == 2
+    assert [s.key for s in calls] == [specs[0].key, specs[2].key]
