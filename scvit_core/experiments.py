@@ -496,28 +496,32 @@ def _expected_cost(spec: ExperimentSpec) -> float:
 def _run_parallel(
     specs: list[ExperimentSpec], workers: int, kwargs: dict[str, Any]
 ) -> dict[str, float]:
-    """Run ``specs`` in ``workers`` fresh processes; each run's seconds by key.
+    """Run ``specs`` in ``workers`` fresh processes; each run's seconds by key."""
+    seconds = in_processes(_timed_run, [(spec, kwargs) for spec in specs], workers)
+    return {spec.key: s for spec, s in zip(specs, seconds, strict=True)}
 
-    Each run gets ``threads / workers`` torch threads, except the last to start, which gets
-    them all: it would otherwise finish alone on a share of the cores.
+
+def in_processes(function: Any, jobs: list[tuple], workers: int) -> list[Any]:
+    """``function(*job, threads)`` for each job, in ``workers`` fresh processes; results in order.
+
+    Each job gets ``threads / workers`` of this process's torch threads, except the last to
+    start, which gets them all: it would otherwise finish alone on a share of the cores.
+    ``function`` must be importable (a module-level function): the processes are spawned.
     """
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor
 
     import torch
 
     total = torch.get_num_threads()
     share = max(1, total // workers)
     context = multiprocessing.get_context("spawn")  # no forked torch or Lightning state
-    seconds = {}
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
-        futures = {
-            pool.submit(_timed_run, spec, kwargs, total if i == len(specs) - 1 else share): spec
-            for i, spec in enumerate(specs)
-        }
-        for future in as_completed(futures):
-            seconds[futures[future].key] = future.result()  # a failed run raises here
-    return seconds
+        futures = [
+            pool.submit(function, *job, total if i == len(jobs) - 1 else share)
+            for i, job in enumerate(jobs)
+        ]
+        return [future.result() for future in futures]  # a failed job raises here
 
 
 def _init_worker() -> None:

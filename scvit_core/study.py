@@ -21,6 +21,7 @@ from . import _constants as K
 from .experiments import (
     DEFAULT_BUDGET,
     ExperimentSpec,
+    in_processes,
     prepare_data,
     results_dir,
     run_many,
@@ -257,42 +258,30 @@ def diagnose_book(profile: str | None = None, *, workers: int = 1) -> int:
 
     Each in its own process with a share of the torch threads, as :func:`run_many` trains.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     import torch
 
     name = get_profile(profile).name
     directory = results_dir()
     pending = [
-        s
+        (s, diagnosis_options(name))
         for s in diagnosed_specs(name)
         if not (directory / s.key / "diagnosis" / "diagnosis.json").exists()
     ]
     if workers <= 1 or len(pending) <= 1:
-        for spec in pending:
-            _diagnose(spec, diagnosis_options(name), torch.get_num_threads())
-        return len(pending)
-    workers = min(workers, len(pending))
-    threads = max(1, torch.get_num_threads() // workers)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        jobs = [pool.submit(_diagnose, s, diagnosis_options(name), threads) for s in pending]
-        for job in jobs:
-            job.result()  # a failed diagnosis raises here
+        for job in pending:
+            _diagnose(*job, torch.get_num_threads())
+    else:
+        in_processes(_diagnose, pending, min(workers, len(pending)))
     return len(pending)
 
 
 def _diagnose(spec: ExperimentSpec, options: dict[str, Any], threads: int) -> None:
-    import warnings
-
     import torch
 
     from interpret import diagnose_run
 
     from .experiments import run
 
-    warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     diagnose_run(run(spec), progress=False, **options)
 
