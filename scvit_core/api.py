@@ -644,7 +644,9 @@ class ScPerceiverModel(AutoencoderModel):
 
     Default configuration ``PerceiverConfig.for_genes(adata.n_vars)``, input ``log1p(counts)``
     (as scVI's encoder), AdamW at lr 3e-3 with a one-cycle schedule, batches of 64 cells, KL
-    warm-up over the first half of training. ``train()`` without ``epochs`` uses
+    warm-up over the first half of training, bfloat16 mixed precision where the hardware
+    computes it natively (``precision="auto"``, :func:`~scvit_core.train.resolve_precision`;
+    float32 elsewhere). ``train()`` without ``epochs`` uses
     :func:`perceiver_epochs` of the training cells. The decoder starts from the training
     cells' library-scaled null model (``init_gene_parameters``).
     """
@@ -657,6 +659,7 @@ class ScPerceiverModel(AutoencoderModel):
         "weight_decay": 1e-4,
         "schedule": "one_cycle",
         "kl_warmup": 0.5,
+        "precision": "auto",  # bfloat16 mixed precision where the hardware has it natively
     }
 
     def train(self, *, train_config: TrainConfig | None = None, **kwargs: Any) -> ScPerceiverModel:

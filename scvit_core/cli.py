@@ -103,6 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         input_transform=args.input_transform,
+        precision=args.precision,
     )
     model.train(
         **{k: v for k, v in given.items() if v is not None},
@@ -113,7 +114,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         num_nodes=args.num_nodes,
         chunk_size=args.chunk_size,
-        precision=args.precision,
         enable_progress_bar=not args.no_progress,
         output_dir=out / "training",
         ckpt_path=checkpoint if args.resume else None,
@@ -273,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--devices", default="auto", help="processes per node, e.g. 2")
     train.add_argument("--strategy", default="auto", help="e.g. ddp (one process per device)")
     train.add_argument("--num-nodes", type=int, default=1, help="machines (SLURM or torchrun)")
-    train.add_argument("--precision", default="32-true")
+    train.add_argument(
+        "--precision",
+        help="Lightning's (32-true, bf16-mixed, ...) or auto (bf16-mixed where the hardware "
+        "computes bfloat16 natively); default: the model's (scViT 32-true, scPerceiver auto)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

@@ -63,8 +63,9 @@ _PACKAGES = ("torch", "lightning", "pyro-ppl", "anndata", "scanpy", "scvi-tools"
 
 
 # The source files whose code determines each model's numbers (paths relative to the package),
-# and the installed packages that do. Evaluation and the data layer are common to all.
-_COMMON_CODE = ("_constants.py", "profiles.py", "evaluate.py", "data/")
+# and the installed packages that do. Evaluation, the data layer and this runner (epochs,
+# subsamples, how each model is trained and read) are common to all.
+_COMMON_CODE = ("_constants.py", "profiles.py", "evaluate.py", "experiments.py", "data/")
 _CODE = {
     "scvit": (
         "config.py",
@@ -772,6 +773,7 @@ def _provenance(spec: ExperimentSpec, adata: ad.AnnData, epochs: int) -> dict[st
         "versions": versions,
         "python": platform.python_version(),
         "hardware": hardware_string(),
+        "precision": _precision(spec.model),
         "profile": spec.profile,
         "seed": spec.seed,
         "epochs": epochs,
@@ -779,6 +781,18 @@ def _provenance(spec: ExperimentSpec, adata: ad.AnnData, epochs: int) -> dict[st
         "genes": int(adata.n_vars),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _precision(model: str) -> str:
+    """The training precision a run of ``model`` used on this machine (scVI: float32)."""
+    from .api import MODEL_CLASSES
+    from .train import resolve_precision
+
+    architecture = "scvit" if model == "untrained_scvit" else model
+    if architecture not in MODEL_CLASSES:
+        return "32-true"  # scvi-tools' default; PCA and the nulls do not train a network
+    default = MODEL_CLASSES[architecture].default_train.get("precision", "32-true")
+    return str(resolve_precision(default))
 
 
 def _git_commit() -> str:

@@ -66,7 +66,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from scvit_core.likelihood import OutputActivations, nll
-from scvit_core.model import Attention, AutoencoderOutput, MatMul, MatmulConv1d, Mul
+from scvit_core.model import (
+    Attention,
+    AutoencoderOutput,
+    Dropout,
+    MatMul,
+    MatmulConv1d,
+    Mul,
+)
 
 LIKELIHOODS = ("nb", "corrected", "legacy")
 TOKENS = ("genes", "conv")
@@ -247,13 +254,13 @@ class Block(nn.Module):
         else:
             self.attention = MixingAttention(d, config.heads, (config.heads, m, m))
         self.skip = nn.Identity()  # the residual branch, so attributions can split the paths
-        self.drop_attn = nn.Dropout(config.dropout)
+        self.drop_attn = Dropout(config.dropout)
         self.residual = nn.Identity()  # skip + attention, before the MLP
         self.norm_mlp = _norm(config, m)
         self.mlp = nn.Sequential(
             nn.Linear(d, config.mlp_ratio * d), nn.GELU(), nn.Linear(config.mlp_ratio * d, d)
         )
-        self.drop_mlp = nn.Dropout(config.dropout)
+        self.drop_mlp = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, record: dict | None = None) -> torch.Tensor:
         update = self.attention(self.norm_attn(x))  # (B, m, d)

@@ -64,7 +64,6 @@ PROFILES: dict[str, Profile] = {
         epochs=10,
         n_seeds=3,
         train_fractions=(0.25, 0.5, 1.0),
-        scvi_long_epochs=100,
         ablation_seeds=1,
     ),
     "paper": Profile(

@@ -111,7 +111,9 @@ class TrainConfig:
     early_stopping_patience
         Stop after this many epochs without a lower validation loss (None: never).
     accelerator, devices, strategy, precision
-        Passed to :class:`lightning.Trainer` (e.g. ``"gpu"``, ``4``, ``"ddp"``, ``"bf16-mixed"``).
+        Passed to :class:`lightning.Trainer` (e.g. ``"gpu"``, ``4``, ``"ddp"``, ``"bf16-mixed"``);
+        ``precision="auto"``: :func:`resolve_precision` (bfloat16 mixed precision where the
+        device computes bfloat16 natively, float32 elsewhere).
     deterministic
         Lightning's ``deterministic`` switch (deterministic kernels).
     gradient_clip_val
@@ -597,7 +599,7 @@ def fit(
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
-        precision=cfg.precision,
+        precision=resolve_precision(cfg.precision, cfg.accelerator),
         deterministic=cfg.deterministic,
         gradient_clip_val=cfg.gradient_clip_val,
         enable_progress_bar=cfg.enable_progress_bar,
@@ -649,6 +651,27 @@ def fit(
         grad_norms=grad_norm_frame(module.grad_norms),
         global_rank=trainer.global_rank,
     )
+
+
+def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | int:
+    """Lightning's precision for ``precision``; ``"auto"`` picks it for the device.
+
+    ``"auto"`` is ``"bf16-mixed"`` where the device training will use computes bfloat16
+    natively (a CUDA GPU with bfloat16, a CPU with AVX512-BF16 or AMX, where bfloat16 matrix
+    products run several times faster than float32 ones) and ``"32-true"`` elsewhere (MPS, older
+    GPUs and CPUs, where bfloat16 is emulated and slower). The likelihood stays in float32
+    either way (:class:`AutoencoderLightning`), and evaluation runs in float32.
+    """
+    if precision != "auto":
+        return precision
+    device = _initial_device(accelerator)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    elif device.type == "cpu":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    else:
+        native = False
+    return "bf16-mixed" if native else "32-true"
 
 
 def _initial_device(accelerator: str) -> torch.device:

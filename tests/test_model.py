@@ -10,7 +10,7 @@ from torch import nn
 from scvit_core.config import ScViTConfig
 from scvit_core.flops import forward_flops, total_forward_flops
 from scvit_core.likelihood import nll
-from scvit_core.model import Attention, MatmulConv1d, PatchwiseLinear, ScViT
+from scvit_core.model import Attention, Dropout, MatmulConv1d, PatchwiseLinear, ScViT
 
 
 def n_params(model: nn.Module) -> int:
@@ -268,6 +268,36 @@ def test_fused_and_explicit_models_agree():
         a, b = fused(x), explicit(x)
     for name in ("z", "mean", "theta", "gate_logits"):
         assert (getattr(a, name) - getattr(b, name)).abs().max() <= 1e-5, name
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+def test_dropout_keeps_each_value_with_probability_one_minus_p(p):
+    """The fast dropout is nn.Dropout's distribution: keep 1 - p, scale 1 / (1 - p)."""
+    torch.manual_seed(0)
+    drop = Dropout(p)
+    x = torch.ones(400, 1000, requires_grad=True)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / (1 - p)))
+    out.sum().backward()  # the gradient flows through the kept values only, scaled
+    assert torch.equal(x.grad, out.detach())
+    assert drop.eval()(x) is x  # identity in evaluation mode
+    assert isinstance(drop, nn.Dropout) and drop.p == p
+
+
+def test_training_attention_with_dropout_drops_weights():
+    """While training, the fused attention with dropout takes the explicit path's Dropout."""
+    torch.manual_seed(0)
+    att = Attention(20, 4, dropout=0.5, fused=True)
+    seen = []
+    att.attn_drop.register_forward_hook(lambda mod, i, o: seen.append((o != 0).float().mean()))
+    x = torch.randn(8, 10, 20)
+    a, b = att(x), att(x)
+    assert not torch.allclose(a, b)  # a new mask per call
+    assert len(seen) == 2 and all(0.45 < s < 0.55 for s in seen)
+    att.eval()
+    assert torch.allclose(att(x), att(x))
 
 
 def test_explicit_attention_uses_modules():

@@ -175,6 +175,23 @@ def test_grad_norms_by_module_matches_hand_computation():
     assert norms == pytest.approx({"0": float(first), "1": float(net[1].weight.grad.norm())})
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    """``precision="auto"``: bf16-mixed on a CPU with AVX512-BF16 or AMX, float32 elsewhere;
+    any other value is passed through. scPerceiver asks for it, scViT keeps float32."""
+    import scvit_core.train as train_module
+    from scvit_core.api import ScPerceiverModel, ScViTModel
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    expected = "bf16-mixed" if native else "32-true"
+    assert train_module.resolve_precision("auto", "cpu") == expected
+    assert train_module.resolve_precision("32-true", "cpu") == "32-true"
+    assert train_module.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert ScPerceiverModel.default_train["precision"] == "auto"
+    assert ScViTModel.default_train.get("precision", "32-true") == "32-true"
+
+
 @pytest.mark.parametrize("likelihood", ["legacy", "corrected"])
 def test_bf16_mixed_keeps_the_likelihood_in_float32(zeisel, tmp_path, monkeypatch, likelihood):
     """Under ``precision="bf16-mixed"`` (CPU autocast) the network's outputs are bfloat16
