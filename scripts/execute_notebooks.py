@@ -20,19 +20,21 @@ import argparse
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import nbformat
 import yaml
 from jupyter_cache import get_cache
 from jupyter_cache.base import CacheBundleIn
+from jupyter_cache.executors.utils import single_nb_execution
 
 ROOT = Path(__file__).resolve().parent.parent
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def toc_notebooks(toc: Path) -> list[Path]:
-    """The ``.ipynb`` files of a jb-book table of contents, in its order."""
+def toc_notebooks(toc: Path, root: Path = ROOT) -> list[Path]:
+    """The ``.ipynb`` files of a jb-book table of contents (paths relative to ``root``)."""
     entries = yaml.safe_load(toc.read_text())
     files = [entries["root"]]
     stack = list(entries.get("parts", [])) + list(entries.get("chapters", []))
@@ -41,7 +43,7 @@ def toc_notebooks(toc: Path) -> list[Path]:
         if "file" in entry:
             files.append(entry["file"])
         stack[:0] = list(entry.get("chapters", [])) + list(entry.get("sections", []))
-    paths = [ROOT / f"{name}.ipynb" for name in files]
+    paths = [root / f"{name}.ipynb" for name in files]
     return [p for p in paths if p.exists()]
 
 
@@ -53,12 +55,7 @@ def _cached(cache, path: Path) -> bool:
     return True
 
 
-def _execute(path: str, timeout: int, threads: int):
-    # the kernel inherits the environment: its share of the cores
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = str(threads)
-    from jupyter_cache.executors.utils import single_nb_execution
-
+def _execute(path: Path, timeout: int):
     nb = nbformat.read(path, as_version=4)
     result = single_nb_execution(
         nb, cwd=str(Path(path).parent), timeout=timeout, allow_errors=False, meta_override=True
@@ -69,6 +66,7 @@ def _execute(path: str, timeout: int, threads: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--toc", type=Path, default=ROOT / "book" / "_toc.yml")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the book's root directory")
     parser.add_argument("--path-output", type=Path, required=True, help="jupyter-book's")
     parser.add_argument("--workers", type=int, default=2, help="notebooks executed at once")
     parser.add_argument("--timeout", type=int, default=10800, help="seconds per notebook")
@@ -77,33 +75,47 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
 
     cache = get_cache(str(args.path_output / "_build" / ".jupyter_cache"))
-    pending = [p for p in toc_notebooks(args.toc) if not _cached(cache, p)]
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    pending = [p for p in toc_notebooks(args.toc, args.root) if not _cached(cache, p)]
     print(f"executing {len(pending)} notebooks, {args.workers} at a time", flush=True)
     start, failed = time.perf_counter(), []
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(_execute, str(p), args.timeout, threads): p for p in pending}
-        for future in as_completed(futures):
-            path = futures[future]
-            nb, seconds, error = future.result()
-            name = path.relative_to(ROOT)
-            if error is not None:
-                failed.append(name)
-                print(f"{name}: FAILED\n{error}", flush=True)
-                continue
-            record = cache.add_nb_to_project(str(path))  # as myst-nb stages it
-            cache.cache_notebook_bundle(
-                CacheBundleIn(nb, record.uri, data={"execution_seconds": seconds}),
-                check_validity=False,
-                overwrite=True,
-            )
-            print(f"{name}: {seconds:.0f} s", flush=True)
+    # each kernel (a process started by a thread here) inherits its share of the cores
+    threads = str(max(1, (os.cpu_count() or 1) // args.workers))
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, threads))
+    try:
+        with ThreadPoolExecutor(args.workers) as pool:
+            futures = {pool.submit(_execute, p, args.timeout): p for p in pending}
+            for future in as_completed(futures):
+                path = futures[future]
+                failed += _store(cache, path, *future.result(), args.root)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     print(
         f"{len(pending) - len(failed)} notebooks executed in "
         f"{time.perf_counter() - start:.0f} s" + (f"; failed: {failed}" if failed else ""),
         flush=True,
     )
     return 1 if failed else 0
+
+
+def _store(cache, path: Path, nb, seconds: float, error: str | None, root: Path) -> list[str]:
+    """Cache an executed notebook as myst-nb does; ``[name]`` if it failed, else ``[]``."""
+    name = str(path.relative_to(root))
+    if error is not None:
+        print(f"{name}: FAILED\n{error}", flush=True)
+        return [name]
+    record = cache.add_nb_to_project(str(path))  # as myst-nb stages it
+    cache.cache_notebook_bundle(
+        CacheBundleIn(nb, record.uri, data={"execution_seconds": seconds}),
+        check_validity=False,
+        overwrite=True,
+    )
+    print(f"{name}: {seconds:.0f} s", flush=True)
+    return []
 
 
 if __name__ == "__main__":
