@@ -432,8 +432,8 @@ def run_many(
         What to run (a spec listed twice runs once).
     workers
         Runs trained at once, each in its own process with ``threads / workers`` of this
-        process's torch threads, the last to start with all of them (default
-        ``$SCVIT_WORKERS``, else 1: one run at a time, in this process).
+        process's torch threads (default ``$SCVIT_WORKERS``, else 1: one run at a time, in this
+        process).
         On a 2-core CPU two one-thread runs finish about 1.3-1.6 times sooner than one two-thread
         run after the other (small matrices use a second thread poorly); on one GPU keep 1.
         The numbers do not depend on it beyond floating-point summation order.
@@ -505,8 +505,11 @@ def _run_parallel(
 def in_processes(function: Any, jobs: list[tuple], workers: int) -> list[Any]:
     """``function(*job, threads)`` for each job, in ``workers`` fresh processes; results in order.
 
-    Each job gets ``threads / workers`` of this process's torch threads, except the last to
-    start, which gets them all: it would otherwise finish alone on a share of the cores.
+    Each job gets ``threads / workers`` of this process's torch threads, the last to start too:
+    given all of them while another job still runs, its OpenMP threads outnumber the cores and
+    wait on each other (beside a one-thread run on 2 cores, a two-thread scPerceiver run on
+    pbmc68k took ~9 s per epoch against 0.4 s alone); a last job alone on its share only leaves
+    the rest idle.
     ``function`` must be importable (a module-level function): the processes are spawned.
     """
     import multiprocessing
@@ -514,14 +517,10 @@ def in_processes(function: Any, jobs: list[tuple], workers: int) -> list[Any]:
 
     import torch
 
-    total = torch.get_num_threads()
-    share = max(1, total // workers)
+    share = max(1, torch.get_num_threads() // workers)
     context = multiprocessing.get_context("spawn")  # no forked torch or Lightning state
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker) as pool:
-        futures = [
-            pool.submit(function, *job, total if i == len(jobs) - 1 else share)
-            for i, job in enumerate(jobs)
-        ]
+        futures = [pool.submit(function, *job, share) for job in jobs]
         return [future.result() for future in futures]  # a failed job raises here
 
 
