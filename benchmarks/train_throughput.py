@@ -205,9 +205,7 @@ def perceiver_throughput(
     config = PerceiverConfig.for_genes(n_genes)
     small = [b for batch in batches for b in batch.split(train.batch_size)]
     rates = {
-        bf16: train_cells_per_s(
-            config, small, warmup=warmup, device=device, train=train, bf16=bf16
-        )
+        bf16: train_cells_per_s(config, small, warmup=warmup, device=device, train=train, bf16=bf16)
         for bf16 in (False, True)
     }
     with torch.device("meta"):

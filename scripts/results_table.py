@@ -91,7 +91,12 @@ def block(page: Path, section: str) -> str:
 
 
 def provenance(page: Path, profile: str) -> str:
-    """The commits that made the stored runs of ``profile`` and the last build's wall time."""
+    """The commits that made the stored runs of ``profile`` and the last build's wall time.
+
+    A build that trained every run is also given in units of its own scVI runs at scvi-tools'
+    default budget (:func:`scvi_yardstick`), which compares builds made on machines of
+    different speed.
+    """
     from scvit_core.experiments import results_table
 
     runs = results_table()
@@ -106,9 +111,44 @@ def provenance(page: Path, profile: str) -> str:
         text += (
             f" The `make book` that built the page (commit {info['commit']}, starting with "
             f"{info['runs_before']} stored runs) took {info['seconds'] / 60:.0f} min on "
-            f"{os.cpu_count()} CPU cores ({build.name} of `_build/{info['profile']}`)."
+            f"{os.cpu_count()} CPU cores ({build.name} of `_build/{info['profile']}`)"
         )
+        yardstick = scvi_yardstick(runs) if info["runs_before"] == 0 else None
+        if yardstick:
+            seconds, n = yardstick
+            text += (
+                f", {info['seconds'] / seconds:.1f} times the mean wall time of its {n} scVI "
+                f"runs at scvi-tools' default budget ({seconds:.0f} s each): scVI trains the "
+                "same way in every build (scvi-tools is pinned), so the ratio compares builds "
+                "on machines of different speed"
+            )
+        text += "."
     return text
+
+
+def scvi_yardstick(runs) -> tuple[float, int] | None:
+    """Mean whole-run seconds of the scVI runs at the default budget on the profile's dataset.
+
+    ``runs``: :func:`scvit_core.experiments.results_table` rows of one profile; None without
+    such runs.
+    """
+    from scvit_core.experiments import DEFAULT_BUDGET, results_dir
+    from scvit_core.profiles import get_profile
+
+    if runs.empty:
+        return None
+    dataset = get_profile(runs["profile"].iloc[0]).dataset
+    chosen = runs[
+        (runs["model"] == "scvi")
+        & (runs["epochs"] == DEFAULT_BUDGET)
+        & (runs["dataset"] == dataset)
+    ]
+    seconds = [
+        json.loads((results_dir() / key / "provenance.json").read_text()).get("run_time_s")
+        for key in chosen["key"].unique()
+    ]
+    seconds = [s for s in seconds if s]
+    return (sum(seconds) / len(seconds), len(seconds)) if seconds else None
 
 
 def main(argv: list[str] | None = None) -> int:

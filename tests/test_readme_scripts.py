@@ -55,3 +55,29 @@ def test_the_key_figure_is_found_by_its_figure_id(tmp_path: Path):
     assert readme_figure.section_images(page, "fig-glance-why") == [
         (tmp_path / "html" / "_images" / "why.png").resolve()
     ]
+
+
+def test_the_scvi_yardstick_is_the_mean_time_of_the_default_budget_runs(tmp_path, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    from scvit_core.experiments import DEFAULT_BUDGET, RESULTS_DIR_ENV
+
+    monkeypatch.setenv(RESULTS_DIR_ENV, str(tmp_path))
+    rows = [  # (key, model, epochs, dataset, seconds): one row per metric of a run
+        ("a", "scvi", DEFAULT_BUDGET, "zeisel2015", 400.0),
+        ("a", "scvi", DEFAULT_BUDGET, "zeisel2015", 400.0),
+        ("b", "scvi", DEFAULT_BUDGET, "zeisel2015", 500.0),
+        ("c", "scvi", 10, "zeisel2015", 10.0),  # the report's budget
+        ("d", "scvi", DEFAULT_BUDGET, "pbmc68k", 50.0),  # another dataset
+        ("e", "perceiver", None, "zeisel2015", 300.0),
+    ]
+    for key, *_, seconds in rows:
+        (tmp_path / key).mkdir(exist_ok=True)
+        (tmp_path / key / "provenance.json").write_text(json.dumps({"run_time_s": seconds}))
+    runs = pd.DataFrame(
+        [r[:4] for r in rows], columns=["key", "model", "epochs", "dataset"]
+    ).assign(profile="cpu")
+    assert results_table.scvi_yardstick(runs) == (450.0, 2)
+    assert results_table.scvi_yardstick(runs[runs["model"] != "scvi"]) is None
