@@ -73,9 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if not args.root.is_dir():
+        parser.error(f"--root: no directory {args.root} (the book's root, with its notebooks)")
+    if not args.toc.is_file():
+        parser.error(f"--toc: no table of contents at {args.toc} (e.g. book/_toc.yml)")
+    try:
+        notebooks = toc_notebooks(args.toc, args.root)
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError) as error:
+        parser.error(f"--toc: {args.toc} is not a jb-book table of contents ({error!r})")
 
     cache = get_cache(str(args.path_output / "_build" / ".jupyter_cache"))
-    pending = [p for p in toc_notebooks(args.toc, args.root) if not _cached(cache, p)]
+    pending = [p for p in notebooks if not _cached(cache, p)]
     print(f"executing {len(pending)} notebooks, {args.workers} at a time", flush=True)
     start, failed = time.perf_counter(), []
     # each kernel (a process started by a thread here) inherits its share of the cores

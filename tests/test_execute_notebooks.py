@@ -63,3 +63,21 @@ def test_notebooks_are_executed_into_the_cache_and_failures_reported(tmp_path, c
     toc.write_text("format: jb-book\nroot: intro\nchapters:\n  - file: pages/good\n")
     assert execute_notebooks.main(argv) == 0
     assert "executing 0 notebooks" in capsys.readouterr().out
+
+
+def test_a_wrong_toc_or_root_is_named(tmp_path, capsys):
+    import pytest
+
+    out = ["--path-output", str(tmp_path / "_build")]
+    cases = {
+        "no table of contents at": ["--toc", str(tmp_path / "missing.yml")],
+        "no directory": ["--root", str(tmp_path / "nowhere")],
+    }
+    (tmp_path / "notes.yml").write_text("- just\n- a list\n")
+    cases["is not a jb-book table of contents"] = ["--toc", str(tmp_path / "notes.yml")]
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            execute_notebooks.main([*argv, *out])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "_build").exists()  # nothing was created
