@@ -62,7 +62,7 @@ book: $(STAMP)
 	SCVIT_WORKERS=$(BOOK_WORKERS) SCVIT_PROFILE=$(BOOK_PROFILE) $(PY) -m scvit_core.study && \
 	SCVIT_BUILD_START=$$start SCVIT_WORKERS=$(BOOK_WORKERS) SCVIT_PROFILE=$(BOOK_PROFILE) \
 		$(PY) scripts/execute_notebooks.py --toc $(BOOK_TOC) --path-output $(BOOK_DIR) \
-		--workers $(BOOK_WORKERS) && \
+		--workers $(BOOK_WORKERS) --first notebooks/05_attributions.ipynb && \
 	SCVIT_BUILD_START=$$start SCVIT_WORKERS=$(BOOK_WORKERS) SCVIT_PROFILE=$(BOOK_PROFILE) \
 		$(JB_BUILD) $(BOOK_DIR) && \
 	printf '{"profile": "%s", "seconds": %d, "runs_before": %d, "commit": "%s", "finished": "%s"}\n' \

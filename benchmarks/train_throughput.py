@@ -9,9 +9,12 @@ A step is the trainer's own (its optimiser and per-cell NLL) without Lightning's
 steady-state steps are timed (warm-up steps are excluded). Peak memory is the process's peak
 on CPU, so the zeisel preset runs first.
 
-Per preset it also times the likelihood's forward and backward pass alone on one batch of the
-model's own outputs (the fused :func:`scvit_core.likelihood.nll`, and pyro's ``log_prob`` for
-reference) and prints its share of the step. Beside the scViT/scVI time ratio: the ratio of
+For the default dataset's preset and scPerceiver it also prints training cells/s in bfloat16
+mixed precision and the step time against float32 (the trainer's ``precision="auto"`` picks
+bfloat16 where the device computes it natively). Per preset it also times the likelihood's
+forward and backward pass alone on one batch of the model's own outputs (the fused
+:func:`scvit_core.likelihood.nll`, and pyro's ``log_prob`` for reference) and prints its share
+of the step. Beside the scViT/scVI time ratio: the ratio of
 their FLOPs per cell (scVI's counted by ``torch.utils.flop_counter`` on one batch), the time
 ratio were both equally efficient, and the lowest time ratio scViT's FLOPs allow, scViT at
 the measured matmul rate against scVI as measured.
@@ -193,9 +196,7 @@ def perceiver_throughput(
     """scPerceiver's training cells/s in float32 and in bfloat16 mixed precision, and the ratio.
 
     With its own training configuration (``ScPerceiverModel.default_train``: batches of 64,
-    ``log1p`` input) on the same cells as scViT's preset. ``precision="auto"`` trains in
-    ``bf16-mixed`` only where the device computes bfloat16 natively; elsewhere bfloat16 is
-    emulated, so the bf16 figure is printed for information and auto keeps float32.
+    ``log1p`` input) on the same cells as scViT's preset (see :func:`report_bf16`).
     """
     from scvit_core.api import ScPerceiverModel
 
@@ -210,11 +211,20 @@ def perceiver_throughput(
     }
     with torch.device("meta"):
         params = sum(p.numel() for p in ScViTLightning(config, train).model.parameters())
-    auto = resolve_precision("auto", device.type)
     print(f"[scPerceiver for_genes({n_genes})] params={params:,} batch={train.batch_size}")
     print(f"  training cells/s fp32     {rates[False]:10.1f}")
-    print(f"  training cells/s bf16     {rates[True]:10.1f}")
-    print(f"  step time bf16 / fp32     {rates[False] / rates[True]:10.2f} (auto: {auto})")
+    report_bf16(rates[False], rates[True], device)
+
+
+def report_bf16(fp32_cells_s: float, bf16_cells_s: float, device: torch.device) -> None:
+    """bfloat16 mixed precision's cells/s, its step time against float32's, and what auto picks.
+
+    ``precision="auto"`` (the trainer's default) trains in ``bf16-mixed`` only where the device
+    computes bfloat16 natively; elsewhere bfloat16 is emulated, so the figure is for information.
+    """
+    auto = resolve_precision("auto", device.type)
+    print(f"  training cells/s bf16     {bf16_cells_s:10.1f}")
+    print(f"  step time bf16 / fp32     {fp32_cells_s / bf16_cells_s:10.2f} (auto: {auto})")
 
 
 def report(name: str, config: ScViTConfig, cells_s: float, matmul: float, mem: float) -> None:
@@ -273,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     scvit_cells_s = train_cells_per_s(config, batches, warmup=warmup, device=device)
     report("zeisel2015 for_genes(4000)", config, scvit_cells_s, matmul, peak_memory_mb(device))
     report_likelihood(scvit_cells_s, bs, likelihood_seconds(config, batches[0], device=device))
+    bf16 = train_cells_per_s(config, batches, warmup=warmup, device=device, bf16=True)
+    report_bf16(scvit_cells_s, bf16, device)
     if not args.skip_scvi:
         scvi_cells_s = scvi_cells_per_s(adata, batch_size=bs, epochs=1 if args.quick else 2)
         print(f"[scVI n_latent=64 on zeisel2015] training cells/s {scvi_cells_s:10.1f}")
@@ -283,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         # the lowest time ratio scViT's FLOPs allow: scViT at the matmul rate, scVI as measured
         floor = TRAIN_FACTOR * total_forward_flops(config) * scvi_cells_s / (matmul * 1e9)
         print(f"  time ratio bound          {floor:10.1f}x (scViT at the fp32 matmul rate)")
+        print(f"  time ratio, scViT in bf16 {scvi_cells_s / bf16:10.1f}x (scVI in fp32)")
 
     perceiver_throughput(adata.n_vars, batches, warmup=warmup, device=device)
 

@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path-output", type=Path, required=True, help="jupyter-book's")
     parser.add_argument("--workers", type=int, default=2, help="notebooks executed at once")
     parser.add_argument("--timeout", type=int, default=10800, help="seconds per notebook")
+    parser.add_argument(
+        "--first",
+        type=Path,
+        action="append",
+        default=[],
+        help="a notebook to start before the others, e.g. the longest, so that no core idles "
+        "while it ends the run alone (repeatable; paths as in the table of contents)",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -82,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     except (yaml.YAMLError, KeyError, TypeError, AttributeError) as error:
         parser.error(f"--toc: {args.toc} is not a jb-book table of contents ({error!r})")
 
+    listed = {p.resolve() for p in notebooks}
+    first = [(args.root / p).resolve() for p in args.first]
+    unknown = [p for p, full in zip(args.first, first, strict=True) if full not in listed]
+    if unknown:
+        parser.error(f"--first: {unknown[0]} is not a notebook of {args.toc}")
+
     cache = get_cache(str(args.path_output / "_build" / ".jupyter_cache"))
     pending = [p for p in notebooks if not _cached(cache, p)]
+    rank = {full: i for i, full in enumerate(first)}
+    pending.sort(key=lambda p: rank.get(p.resolve(), len(first)))  # stable: then the toc's order
     print(f"executing {len(pending)} notebooks, {args.workers} at a time", flush=True)
     start, failed = time.perf_counter(), []
     # each kernel (a process started by a thread here) inherits its share of the cores

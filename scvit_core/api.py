@@ -620,7 +620,9 @@ class ScViTModel(AutoencoderModel):
     """scViT (the report's model) on AnnData; see :class:`AutoencoderModel`.
 
     Default configuration ``ScViTConfig.for_genes(adata.n_vars)`` (the report's structure and
-    legacy likelihood), raw counts as input, the reference code's training settings.
+    legacy likelihood), raw counts as input, the reference code's training settings, in
+    bfloat16 mixed precision where the hardware computes it natively (``precision="auto"``, as
+    every model of the package; ``train(precision="32-true")`` for float32 everywhere).
     """
 
     architecture = "scvit"
@@ -659,7 +661,6 @@ class ScPerceiverModel(AutoencoderModel):
         "weight_decay": 1e-4,
         "schedule": "one_cycle",
         "kl_warmup": 0.5,
-        "precision": "auto",  # bfloat16 mixed precision where the hardware has it natively
     }
 
     def train(self, *, train_config: TrainConfig | None = None, **kwargs: Any) -> ScPerceiverModel:

@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--precision",
         help="Lightning's (32-true, bf16-mixed, ...) or auto (bf16-mixed where the hardware "
-        "computes bfloat16 natively); default: the model's (scViT 32-true, scPerceiver auto)",
+        "computes bfloat16 natively, the default)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

@@ -785,12 +785,12 @@ def _provenance(spec: ExperimentSpec, adata: ad.AnnData, epochs: int) -> dict[st
 def _precision(model: str) -> str:
     """The training precision a run of ``model`` used on this machine (scVI: float32)."""
     from .api import MODEL_CLASSES
-    from .train import resolve_precision
+    from .train import TrainConfig, resolve_precision
 
     architecture = "scvit" if model == "untrained_scvit" else model
     if architecture not in MODEL_CLASSES:
         return "32-true"  # scvi-tools' default; PCA and the nulls do not train a network
-    default = MODEL_CLASSES[architecture].default_train.get("precision", "32-true")
+    default = MODEL_CLASSES[architecture].default_train.get("precision", TrainConfig.precision)
     return str(resolve_precision(default))
 
 

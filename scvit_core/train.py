@@ -112,8 +112,9 @@ class TrainConfig:
         Stop after this many epochs without a lower validation loss (None: never).
     accelerator, devices, strategy, precision
         Passed to :class:`lightning.Trainer` (e.g. ``"gpu"``, ``4``, ``"ddp"``, ``"bf16-mixed"``);
-        ``precision="auto"``: :func:`resolve_precision` (bfloat16 mixed precision where the
-        device computes bfloat16 natively, float32 elsewhere).
+        ``precision="auto"`` (the default): :func:`resolve_precision` (bfloat16 mixed precision
+        where the device computes bfloat16 natively, float32 elsewhere; the likelihood and
+        every evaluation stay in float32); ``"32-true"`` for float32 everywhere.
     deterministic
         Lightning's ``deterministic`` switch (deterministic kernels).
     gradient_clip_val
@@ -151,7 +152,7 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int | str = "auto"
     strategy: str = "auto"
-    precision: str | int = "32-true"
+    precision: str | int = "auto"
     deterministic: bool = True
     gradient_clip_val: float | None = None
     enable_progress_bar: bool = True

@@ -81,3 +81,26 @@ def test_a_wrong_toc_or_root_is_named(tmp_path, capsys):
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "_build").exists()  # nothing was created
+
+
+def test_first_notebooks_start_before_the_others(tmp_path, capsys):
+    import pytest
+
+    (tmp_path / "intro.md").write_text("# intro\n")
+    log = tmp_path / "order.txt"
+    for name in ("short", "long"):
+        _notebook(tmp_path / f"{name}.ipynb", f"open({str(log)!r}, 'a').write('{name} ')")
+    toc = tmp_path / "_toc.yml"
+    toc.write_text("format: jb-book\nroot: intro\nchapters:\n  - file: short\n  - file: long\n")
+    argv = ["--toc", str(toc), "--root", str(tmp_path), "--workers", "1"]
+    out = ["--path-output", str(tmp_path / "_build")]
+    assert execute_notebooks.main([*argv, *out, "--first", "long.ipynb"]) == 0
+    assert log.read_text().split() == ["long", "short"]  # then the table of contents' order
+
+    with pytest.raises(SystemExit) as exit_:  # a name the book does not have is a usage error
+        execute_notebooks.main(
+            [*argv, "--path-output", str(tmp_path / "other"), "--first", "x.ipynb"]
+        )
+    assert exit_.value.code == 2
+    assert "--first: x.ipynb is not a notebook of" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -178,7 +178,7 @@ def test_grad_norms_by_module_matches_hand_computation():
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     """``precision="auto"``: bf16-mixed on a CPU with AVX512-BF16 or AMX, float32 elsewhere;
-    any other value is passed through. scPerceiver asks for it, scViT keeps float32."""
+    any other value is passed through. It is the trainer's default, so both models use it."""
     import scvit_core.train as train_module
     from scvit_core.api import ScPerceiverModel, ScViTModel
 
@@ -188,8 +188,9 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     assert train_module.resolve_precision("auto", "cpu") == expected
     assert train_module.resolve_precision("32-true", "cpu") == "32-true"
     assert train_module.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
-    assert ScPerceiverModel.default_train["precision"] == "auto"
-    assert ScViTModel.default_train.get("precision", "32-true") == "32-true"
+    assert train_module.TrainConfig().precision == "auto"
+    for model in (ScPerceiverModel, ScViTModel):
+        assert "precision" not in model.default_train
 
 
 @pytest.mark.parametrize("likelihood", ["legacy", "corrected"])
