@@ -285,6 +285,8 @@ class SafeSoftmax(RuleModule):
         self.exp = Rescale(torch.exp, "exp")
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
+        if s.dim() and s.shape[0] == 1:  # shared by the batch (learned constant weights)
+            return torch.softmax(s, self.dim)  # the same for input and reference: no rule
         return self.exp(s - self.logsumexp(s))
 
     def extra_repr(self) -> str:

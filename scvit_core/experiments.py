@@ -787,10 +787,9 @@ def _precision(model: str) -> str:
     from .api import MODEL_CLASSES
     from .train import TrainConfig, resolve_precision
 
-    architecture = "scvit" if model == "untrained_scvit" else model
-    if architecture not in MODEL_CLASSES:
-        return "32-true"  # scvi-tools' default; PCA and the nulls do not train a network
-    default = MODEL_CLASSES[architecture].default_train.get("precision", TrainConfig.precision)
+    if model not in MODEL_CLASSES:
+        return "32-true"  # scvi-tools' default; PCA, the nulls and untrained scViT do not train
+    default = MODEL_CLASSES[model].default_train.get("precision", TrainConfig.precision)
     return str(resolve_precision(default))
 
 

@@ -185,7 +185,10 @@ def test_uniform_weights_without_attention_do_not_depend_on_the_cell():
     x = torch.log1p(counts())
     with torch.no_grad():
         net(x, library=x.sum(1))
-    torch.testing.assert_close(weights[0][0], weights[0][1])
+        other = net.tokenizer(x.flip(0)).flip(0)  # each cell's tokens, in another batch
+    assert weights[0].shape == (1, net.config.n_tokens, 48)  # one set, broadcast to every cell
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(1, net.config.n_tokens))
+    torch.testing.assert_close(net.tokenizer(x), other)
 
 
 def test_init_gene_parameters_starts_at_the_library_null(zeisel):
