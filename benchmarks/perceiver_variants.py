@@ -4,17 +4,19 @@
 
     python benchmarks/perceiver_variants.py zeisel2015 \
         '[["base", {"dispersion": "gene", "input_masking": 0}, {}],
-          ["masking 0.4", {"input_masking": 0.4}, {}]]' [SEED]
+          ["masking 0.4", {"input_masking": 0.4}, {}]]' [SEED] [--max-cells N] [--labels-key KEY]
 
 Each variant is ``[name, PerceiverConfig overrides, TrainConfig overrides]``, trained at the
-default budget on the cells of :func:`versus_scvi.load` (the cpu profile's at most 1,500) and
-printed as one ``RES`` line: the test NLL at the posterior mean and at one sample, the training
-cells' NLL (how much of the test gap is fitting versus generalising), the MLP, kNN and
+default budget (or the ``epochs`` of its TrainConfig overrides) on the cells of
+:func:`versus_scvi.load` (a stratified subsample of at most ``--max-cells``, the cpu profile's
+1,500 by default) and printed as one ``RES`` line: the test NLL at the posterior mean and at
+one sample, the training cells' NLL (how much of the test gap is fitting versus generalising), the MLP, kNN and
 logistic-regression accuracy of the latent, epochs and wall time.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -31,9 +33,15 @@ def main() -> None:
     from scvit_core.train import quiet_lightning
 
     warnings.filterwarnings("ignore")
-    dataset, variants = sys.argv[1], json.loads(sys.argv[2])
-    seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    adata = load(dataset, labels_key=None, max_cells=1500)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dataset")
+    parser.add_argument("variants", type=json.loads, help="JSON list of [name, config, train]")
+    parser.add_argument("seed", type=int, nargs="?", default=0)
+    parser.add_argument("--max-cells", type=int, default=1500, help="stratified subsample")
+    parser.add_argument("--labels-key", default=None, help="obs column of cell types")
+    args = parser.parse_args()
+    dataset, variants, seed = args.dataset, args.variants, args.seed
+    adata = load(dataset, labels_key=args.labels_key, max_cells=args.max_cells)
     for name, config, train in variants:
         model = ScPerceiverModel(adata, seed=seed, **config)
         start = time.perf_counter()
@@ -47,7 +55,7 @@ def main() -> None:
         sample = model.get_reconstruction_error(split="test", sample=True, seed=seed)
         r = readouts(adata, model.get_latent_representation(), seed)
         print(
-            f"RES {dataset} {name} seed={seed} test={nll['test']:.1f} "
+            f"RES {dataset} {name} cells={adata.n_obs} seed={seed} test={nll['test']:.1f} "
             f"sample={sample['reconstruction_loss']:.1f} train={nll['train']:.1f} "
             f"mlp={r['mlp']:.3f} knn={r['knn']:.3f} lr={r['logreg']:.3f} "
             f"epochs={model.train_config.epochs} time={wall:.0f}",

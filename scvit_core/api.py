@@ -632,13 +632,21 @@ class ScViTModel(AutoencoderModel):
 def perceiver_epochs(n_cells: int) -> int:
     """scPerceiver's default epoch budget for ``n_cells`` training cells.
 
-    ``round(72,000 / n_cells)`` epochs (about 1,100 optimiser steps of 64 cells), at least 10
-    and at most 200: a fixed amount of work per model rather than per cell, as scvi-tools'
-    ``get_max_epochs_heuristic`` (``min(round(20,000 / n * 400), 400)``) caps scVI's. It is
-    chosen to cost about scVI's default budget in wall time; on zeisel2015 (1,189 training
-    cells, seed 0) 2.5 times more steps (151 epochs) overfit: test NLL 6,267 against 6,173.
+    About 1,100 optimiser steps of 64 cells (``round(72,000 / n_cells)`` epochs, at most 200)
+    or 60 epochs, whichever is more, and at most ~19,000 steps (``round(1,200,000 / n_cells)``
+    epochs, at least 10), as scvi-tools' ``get_max_epochs_heuristic``
+    (``min(round(20,000 / n * 400), 400)``) caps scVI's steps above 20,000 cells. In steps:
+    constant up to ~1,200 cells, then growing with the cells up to 20,000.
+
+    Below ~1,200 cells a fixed amount of work: on zeisel2015's 1,189 training cells (seed 0)
+    twice the steps gained 0.15% test NLL (6,022 -> 6,013) for twice the time, and on
+    pbmc68k's 558 fewer steps lost (86 and 60 epochs: 652.5 and 657.2 against 645.2 at the
+    budget's 129). With more cells the same steps leave likelihood on the table: on all of
+    zeisel2015's 3,005 cells (2,400 training, seed 0) 30, 45 and 60 epochs gave 5,952, 5,923
+    and 5,908 (``benchmarks/results/perceiver_budget.txt``).
     """
-    return int(min(max(round(72_000 / max(n_cells, 1)), 10), 200))
+    n = max(n_cells, 1)
+    return int(min(max(round(72_000 / n), 60), max(round(1_200_000 / n), 10), 200))
 
 
 class ScPerceiverModel(AutoencoderModel):
