@@ -10,8 +10,8 @@ Each variant is ``[name, PerceiverConfig overrides, TrainConfig overrides]``, tr
 default budget (or the ``epochs`` of its TrainConfig overrides) on the cells of
 :func:`versus_scvi.load` (a stratified subsample of at most ``--max-cells``, the cpu profile's
 1,500 by default) and printed as one ``RES`` line: the test NLL at the posterior mean and at
-one sample, the training cells' NLL (how much of the test gap is fitting versus generalising), the MLP, kNN and
-logistic-regression accuracy of the latent, epochs and wall time.
+one sample, the training cells' NLL (how much of the test gap is fitting versus generalising),
+the MLP, kNN and logistic-regression accuracy of the latent, epochs and wall time.
 """
 
 from __future__ import annotations
