@@ -114,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         num_nodes=args.num_nodes,
         chunk_size=args.chunk_size,
+        checkpoint_interval_s=args.checkpoint_every,
         enable_progress_bar=not args.no_progress,
         output_dir=out / "training",
         ckpt_path=checkpoint if args.resume else None,
@@ -277,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         help="Lightning's (32-true, bf16-mixed, ...) or auto (bf16-mixed where the hardware "
         "computes bfloat16 natively, the default)",
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="write checkpoints (for --resume) at most this often, and at the end; 0: every epoch",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)

@@ -9,7 +9,8 @@ The trainer knows batches of counts and nothing about files or AnnData:
   stepped after *every batch* at the fractional epoch ``epoch + i / n_batches`` (the reference
   code's ``scheduler.step(epoch + i / iters)``);
 * validation loss every epoch, optional early stopping, a CSV log, checkpoints (the last epoch
-  and the best validation loss), progress bar, mixed precision and multi-device (DDP) are
+  and the best validation loss, written at most every ``checkpoint_interval_s`` seconds by
+  :class:`ThrottledCheckpoint`), progress bar, mixed precision and multi-device (DDP) are
   Lightning's own and are passed through from :class:`TrainConfig`; under DDP each process
   reads its own share of every batch (:class:`~scvit_core.data.CellBatchSampler`), the epoch
   losses are summed over processes and checkpoints are written by rank 0 only;
@@ -140,6 +141,11 @@ class TrainConfig:
     num_nodes
         Machines, each running ``devices`` processes (Lightning's ``num_nodes``; under SLURM
         or torchrun Lightning reads the ranks from the environment).
+    checkpoint_interval_s
+        Checkpoint files (the last epoch, the best validation loss) are written at most every
+        this many seconds, at the end of training and when it fails; in between they are kept
+        in memory (:class:`ThrottledCheckpoint`). A killed process loses at most this much
+        training and the epoch in progress. 0: after every epoch, as Lightning.
     """
 
     epochs: int = 10
@@ -163,6 +169,7 @@ class TrainConfig:
     kl_warmup: float = 1.0
     chunk_size: int | None = None
     num_nodes: int = 1
+    checkpoint_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -179,6 +186,10 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.grad_norm_every < 0:
             raise ValueError(f"grad_norm_every must be >= 0, got {self.grad_norm_every}")
+        if self.checkpoint_interval_s < 0:
+            raise ValueError(
+                f"checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}"
+            )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1 or None, got {self.chunk_size}")
 
@@ -473,6 +484,100 @@ def grad_norms_by_module(module: torch.nn.Module) -> dict[str, float]:
     return dict(zip(grads, squares.sqrt().tolist(), strict=True))
 
 
+class ThrottledCheckpoint(ModelCheckpoint):
+    """Lightning's :class:`ModelCheckpoint` that writes its files at most every ``interval_s``.
+
+    The checkpoints it would write in between (the best and the last, at the end of an epoch)
+    are kept in memory, a copy each, and written once ``interval_s`` seconds have passed since
+    the last write, when training ends and when it fails (a NaN loss, an exception, Ctrl-C).
+    After training the files are exactly :class:`ModelCheckpoint`'s; during training they lag
+    by at most ``interval_s`` and the epoch in progress, which is what a killed process loses.
+    (Writing two checkpoints of a few MB after every epoch of a few hundred milliseconds was
+    ~9% of a short run's wall time.) Under DDP only rank 0 writes, as Lightning.
+    """
+
+    def __init__(self, *args: Any, interval_s: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.interval_s = interval_s
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._written_at = time.monotonic()
+        self._writing_step = -1  # the global step whose checkpoints are being written
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._written_at = time.monotonic()
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self._writing_step != trainer.global_step:  # one decision for a step's files
+            due = time.monotonic() - self._written_at >= self.interval_s
+            # every process takes rank 0's decision: writing now meets a barrier (as
+            # Lightning's own ``train_time_interval``)
+            if trainer.strategy.broadcast(due):
+                self._flush(trainer)
+                self._writing_step = trainer.global_step
+        if self._writing_step == trainer.global_step:
+            super()._save_checkpoint(trainer, filepath)  # written now, as Lightning would
+            self._written_at = time.monotonic()
+            return
+        # Lightning's own checkpoint dictionary, its tensors copied: training goes on
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        self._pending[filepath] = _clone_tensors(checkpoint)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def _save_last_if_stale(self, trainer: L.Trainer) -> None:
+        # Lightning 2.6 saves ``last`` only when it saved a top-k checkpoint at the same step:
+        # without this, last.ckpt would hold the best epoch, not the last one
+        if (
+            self.save_last
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self._pending.pop(filepath, None) is None or Path(filepath).exists():
+            super()._remove_checkpoint(trainer, filepath)
+
+    def _flush(self, trainer: L.Trainer) -> None:
+        """Write the checkpoints kept in memory (rank 0 writes, as Lightning)."""
+        for filepath, checkpoint in self._pending.items():
+            trainer.strategy.save_checkpoint(checkpoint, filepath)
+        self._pending.clear()
+        self._written_at = time.monotonic()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._flush(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._flush(trainer)
+
+
+def _clone_tensors(value: Any) -> Any:
+    """A copy of a nested checkpoint dictionary whose tensors are copies too."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return type(value)((k, _clone_tensors(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
 class GradNormLogger(L.Callback):
     """Record each parameter group's gradient norm every ``every`` optimiser steps.
 
@@ -578,8 +683,9 @@ def fit(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     monitor = "val_loss" if val_loader is not None else "train_loss_epoch"
-    checkpoint = ModelCheckpoint(
+    checkpoint = ThrottledCheckpoint(
         dirpath=out / "checkpoints",
+        interval_s=cfg.checkpoint_interval_s,
         filename="best-{epoch:03d}",
         monitor=monitor,
         mode="min",

@@ -572,6 +572,7 @@ def paused(self, batch, batch_idx):
     if self.current_epoch == 2 and batch_idx == 1:  # mid-epoch, after two checkpoints
         marker.write_text(str(self.current_epoch))
         time.sleep(600)  # until the test kills the process
+    time.sleep(0.1)  # 3 batches an epoch: each epoch outlasts --checkpoint-every 0.25
     return training_step(self, batch, batch_idx)
 
 T.AutoencoderLightning.training_step = paused
@@ -590,7 +591,7 @@ def test_sigkill_mid_epoch_resumes_from_the_last_checkpoint(h5ad, tmp_path, caps
 
     out, marker = tmp_path / "model", tmp_path / "paused"
     args = ["train", str(h5ad), "--out", str(out), *CLI_TRAIN[:2], "--epochs", "4",
-            "--batch-size", "16", "--no-progress"]  # fmt: skip
+            "--batch-size", "16", "--no-progress", "--checkpoint-every", "0.25"]  # fmt: skip
     script = tmp_path / "pausing.py"
     script.write_text(PAUSING_TRAINER)
     process = subprocess.Popen(

@@ -132,6 +132,34 @@ def test_planted_nan_stops_with_error_and_keeps_checkpoint(zeisel, tmp_path):
     )
 
 
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_checkpoints_are_written_at_most_every_interval_and_last_is_the_last_epoch(
+    zeisel, tmp_path, interval
+):
+    module = make_module(ScViTConfig.small(N_GENES), epochs=4, checkpoint_interval_s=interval)
+    on_disk, start = [], module.on_train_epoch_start
+
+    def record():  # at the start of each epoch: what the epochs before it wrote
+        on_disk.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")))
+        start()
+
+    module.on_train_epoch_start = record
+    result = fit(module, *loaders(zeisel), output_dir=tmp_path)
+    if interval:  # nothing written during the 4 short epochs, all of it at the end
+        assert on_disk == [[]] * 4
+    else:  # after every epoch, as Lightning's ModelCheckpoint
+        assert all("last.ckpt" in names for names in on_disk[1:])
+    best_epoch = int(result.history["val_loss"].idxmin())
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == sorted([f"best-epoch={best_epoch:03d}.ckpt", "last.ckpt"])
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+    assert last["epoch"] == 3 and len(last["scvit_history"]) == 4  # not the best epoch's
+    assert best["epoch"] == best_epoch
+    for name, value in module.state_dict().items():  # the final weights, not a later copy
+        assert torch.equal(last["state_dict"][name], value), name
+
+
 def test_resume_from_checkpoint(zeisel, tmp_path):
     config = ScViTConfig.small(N_GENES, likelihood="nb")
     first = fit(make_module(config), *loaders(zeisel), output_dir=tmp_path / "a")
