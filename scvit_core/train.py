@@ -36,6 +36,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -521,7 +522,9 @@ class ThrottledCheckpoint(ModelCheckpoint):
             return
         # Lightning's own checkpoint dictionary, its tensors copied: training goes on
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
-        self._pending[filepath] = _clone_tensors(checkpoint)
+        self._pending[filepath] = apply_to_collection(
+            checkpoint, torch.Tensor, lambda t: t.detach().clone()
+        )
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
 
@@ -565,17 +568,6 @@ class ThrottledCheckpoint(ModelCheckpoint):
     ) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._flush(trainer)
-
-
-def _clone_tensors(value: Any) -> Any:
-    """A copy of a nested checkpoint dictionary whose tensors are copies too."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return type(value)((k, _clone_tensors(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_clone_tensors(v) for v in value)
-    return value
 
 
 class GradNormLogger(L.Callback):
