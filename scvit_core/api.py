@@ -654,11 +654,12 @@ class ScPerceiverModel(AutoencoderModel):
 
     Default configuration ``PerceiverConfig.for_genes(adata.n_vars)``, input ``log1p(counts)``
     (as scVI's encoder), AdamW at lr 3e-3 with a one-cycle schedule, batches of 64 cells, KL
-    warm-up over the first half of training, bfloat16 mixed precision where the hardware
-    computes it natively (``precision="auto"``, :func:`~scvit_core.train.resolve_precision`;
-    float32 elsewhere). ``train()`` without ``epochs`` uses
-    :func:`perceiver_epochs` of the training cells. The decoder starts from the training
-    cells' library-scaled null model (``init_gene_parameters``).
+    warm-up over the whole training (as scVI's 400 warm-up epochs at its default budget below
+    20k cells: the KL weight reaches 1 at the last step), bfloat16 mixed precision where the
+    hardware computes it natively (``precision="auto"``,
+    :func:`~scvit_core.train.resolve_precision`; float32 elsewhere). ``train()`` without
+    ``epochs`` uses :func:`perceiver_epochs` of the training cells. The decoder starts from
+    the training cells' library-scaled null model (``init_gene_parameters``).
     """
 
     architecture = "perceiver"
@@ -668,7 +669,7 @@ class ScPerceiverModel(AutoencoderModel):
         "lr": 3e-3,
         "weight_decay": 1e-4,
         "schedule": "one_cycle",
-        "kl_warmup": 0.5,
+        "kl_warmup": 1.0,
     }
 
     def train(self, *, train_config: TrainConfig | None = None, **kwargs: Any) -> ScPerceiverModel:

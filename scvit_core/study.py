@@ -56,8 +56,8 @@ PERCEIVER_ABLATIONS: dict[str, dict[str, Any]] = {
 }
 """scPerceiver's causal test (chapter 08): each fix of the diagnosis reverted alone.
 
-The two defaults that answer no finding (``dispersion="gene-cell"``, ``input_masking=0.2``) are
-not reverted here: ``benchmarks/perceiver_variants.py`` measures them (it chose them).
+The default that answers no finding (``dispersion="gene-cell"``) and the input-masking option
+(off by default) are not reverted here: ``benchmarks/perceiver_variants.py`` measures them.
 """
 
 
