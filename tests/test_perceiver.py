@@ -73,6 +73,25 @@ def test_gene_attention_equals_attention_over_materialised_tokens():
         assert w.max() > 0.05  # the check is not about uniform weights
 
 
+def test_hidden_genes_are_mask_tokens_in_the_factorised_attention():
+    """Input masking: a hidden gene's token is ``F_g + M`` (the mask token), not ``0 E_g + F_g``."""
+    torch.manual_seed(0)
+    net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, input_masking=0.3)).eval()
+    enc = net.tokenizer
+    with torch.no_grad():
+        enc.mask_token.normal_(std=1.0)
+    v = torch.log1p(counts()) + 1.0  # no true zeros: a hidden gene differs from a zero count
+    hidden = torch.rand(v.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    tokens = (v * ~hidden)[:, :, None] * enc.expression + enc.identity
+    tokens = tokens + hidden[:, :, None] * enc.mask_token
+    q = enc.q(enc.query_norm(enc.queries))
+    w = torch.softmax(q @ enc.k(tokens).transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+    expected = enc.queries + enc.out_proj(w @ enc.v(tokens))
+    with torch.no_grad():
+        torch.testing.assert_close(enc(v, hidden), expected, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(enc(v, hidden), enc(v * ~hidden), atol=1e-3)
+
+
 def test_readout_equals_per_gene_attention():
     torch.manual_seed(1)
     net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY)).eval()
@@ -134,15 +153,18 @@ def test_same_network_in_training_and_evaluation():
 
 def test_input_masking_hides_genes_in_training_only():
     net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, input_masking=0.5))
-    x = torch.log1p(counts()) + 1.0  # every gene has a value to hide
+    x = torch.log1p(counts())
     seen = []
-    net.tokenizer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    net.tokenizer.register_forward_pre_hook(lambda m, args: seen.append(args))
     with torch.no_grad():
         net.train()(x, library=x.sum(1), sample=False)
         net.eval()(x, library=x.sum(1))
-    hidden = (seen[0] == 0).float().mean()
-    assert 0.35 < hidden < 0.65 and torch.equal(seen[0][seen[0] != 0], x[seen[0] != 0])
-    torch.testing.assert_close(seen[1], x)  # evaluation reads every gene
+    (values, hidden), (eval_values, eval_hidden) = seen
+    assert 0.35 < hidden.float().mean() < 0.65 and hidden.shape == x.shape
+    torch.testing.assert_close(values, x)  # the tokenizer hides them, by the mask token
+    torch.testing.assert_close(eval_values, x)
+    assert eval_hidden is None  # evaluation reads every gene
+    assert "tokenizer.mask_token" not in ScPerceiver(PerceiverConfig.for_genes(48)).state_dict()
 
 
 def test_dispersion_is_per_gene_or_per_gene_and_cell():
