@@ -341,7 +341,7 @@ class GeneEncoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(d)) if config.input_masking > 0 else None
 
     def forward(self, v: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Latent tokens ``(B, m, d)``; ``hidden`` (training only): genes replaced by ``F_g + M``."""
+        """Latent tokens ``(B, m, d)``; ``hidden`` (training only): genes read as ``F_g + M``."""
         scale = 1.0 / math.sqrt(self.q.out_features)
         q = self.q(self.query_norm(self.queries))  # (m, d)
         a = (q @ F.linear(self.expression, self.k.weight).T * scale).unsqueeze(0)  # (1, m, G)
@@ -360,7 +360,8 @@ class GeneEncoder(nn.Module):
         v_e = F.linear(self.expression, self.v.weight)  # (G, d)
         out = self.weigh_values(w, value) @ v_e + w @ self.v(self.identity)  # (B, m, d)
         if hidden is not None:
-            out = out + (w * hidden).sum(-1, keepdim=True) * F.linear(self.mask_token, self.v.weight)
+            mask_value = F.linear(self.mask_token, self.v.weight)  # (d,)
+            out = out + (w * hidden).sum(-1, keepdim=True) * mask_value
         return self.queries + self.out_proj(out)
 
 
