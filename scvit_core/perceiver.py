@@ -349,13 +349,14 @@ class GeneEncoder(nn.Module):
         # in the precision of the scores (bfloat16 under autocast): a float32 cell value would
         # promote every (B, m, G) tensor after it and cast it back for the products (~7% of a step)
         value = v.unsqueeze(1).to(a.dtype)  # (B, 1, G)
-        # products with parameter-only tensors are linear in the cell: plain operations
-        scores = value * a + c
-        if hidden is not None:  # a hidden gene's key and value gain M's: W_k M, W_v M
+        if hidden is not None:  # a hidden gene's value is 0; its key and value gain W_k M, W_v M
             hidden = hidden.unsqueeze(1).to(a.dtype)  # (B, 1, G)
             value = value * (1 - hidden)
+        # products with parameter-only tensors are linear in the cell: plain operations
+        scores = value * a + c
+        if hidden is not None:
             s = (q @ F.linear(self.mask_token, self.k.weight) * scale).view(1, -1, 1)  # (1, m, 1)
-            scores = value * a + c + hidden * s
+            scores = scores + hidden * s
         w = self.mixing(scores)  # (B, m, G)
         v_e = F.linear(self.expression, self.v.weight)  # (G, d)
         out = self.weigh_values(w, value) @ v_e + w @ self.v(self.identity)  # (B, m, d)
