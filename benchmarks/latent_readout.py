@@ -30,12 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
-    from scvi.model._utils import get_max_epochs_heuristic
-    from versus_scvi import load
+    from versus_scvi import fit_perceiver, fit_scvi, load
 
     from scvit_core import _constants as K
-    from scvit_core.api import ScPerceiverModel
-    from scvit_core.baselines import pca_baseline, scvi_latent, train_scvi
+    from scvit_core.baselines import pca_baseline, scvi_latent
     from scvit_core.train import quiet_lightning
 
     warnings.filterwarnings("ignore")
@@ -48,14 +46,14 @@ def main() -> None:
     adata = load(args.dataset, labels_key=args.labels_key, max_cells=args.max_cells)
     train = (adata.obs[K.SPLIT] == "train").to_numpy()
 
-    model = ScPerceiverModel(adata, seed=args.seed)
     with quiet_lightning(True):
-        model.train(seed=args.seed, enable_progress_bar=False)
-    latents = {"scperceiver": model.get_latent_representation()}
-    logging.disable(logging.WARNING)
-    epochs = get_max_epochs_heuristic(int(train.sum()))
-    result = train_scvi(adata, max_epochs=epochs, seed=args.seed, n_latent=64)
-    latents["scvi"] = scvi_latent(result.model, adata, split=None)
+        model, _ = fit_perceiver(adata, args.seed)
+        logging.disable(logging.WARNING)
+        result, _ = fit_scvi(adata, args.seed)
+    latents = {
+        "scperceiver": model.get_latent_representation(),
+        "scvi": scvi_latent(result.model, adata, split=None),
+    }
     pca = pca_baseline(adata, n_components=64, seed=args.seed)
     latents["pca-64"] = np.zeros((adata.n_obs, pca["train"].shape[1]), dtype=np.float32)
     for split in K.SPLITS:

@@ -64,13 +64,30 @@ def readouts(adata, latent: np.ndarray, seed: int) -> dict[str, float]:
     return row
 
 
-def run_perceiver(adata, seed: int) -> dict[str, float]:
+def fit_perceiver(adata, seed: int):
+    """scPerceiver at its defaults and default budget: ``(model, training wall time in s)``."""
     from scvit_core.api import ScPerceiverModel
 
     model = ScPerceiverModel(adata, seed=seed)
     start = time.perf_counter()
     model.train(seed=seed, enable_progress_bar=False)
-    wall = time.perf_counter() - start
+    return model, time.perf_counter() - start
+
+
+def fit_scvi(adata, seed: int):
+    """scVI at scvi-tools' default budget with ``n_latent=64``: ``(SCVIResult, epochs)``."""
+    from scvi.model._utils import get_max_epochs_heuristic
+
+    from scvit_core import _constants as K
+    from scvit_core.baselines import train_scvi
+
+    n_train = int((adata.obs[K.SPLIT] == "train").sum())
+    epochs = get_max_epochs_heuristic(n_train)
+    return train_scvi(adata, max_epochs=epochs, seed=seed, n_latent=64), epochs
+
+
+def run_perceiver(adata, seed: int) -> dict[str, float]:
+    model, wall = fit_perceiver(adata, seed)
     row = {
         "epochs": int(model.train_config.epochs),
         "time_s": wall,
@@ -83,14 +100,9 @@ def run_perceiver(adata, seed: int) -> dict[str, float]:
 
 
 def run_scvi(adata, seed: int) -> dict[str, float]:
-    from scvi.model._utils import get_max_epochs_heuristic
+    from scvit_core.baselines import scvi_latent, scvi_reconstruction_error
 
-    from scvit_core import _constants as K
-    from scvit_core.baselines import scvi_latent, scvi_reconstruction_error, train_scvi
-
-    n_train = int((adata.obs[K.SPLIT] == "train").sum())
-    epochs = get_max_epochs_heuristic(n_train)
-    result = train_scvi(adata, max_epochs=epochs, seed=seed, n_latent=64)
+    result, epochs = fit_scvi(adata, seed)
     row = {"epochs": epochs, "time_s": result.wall_time_s}
     for posterior, key in (("mean", "nll"), ("sample", "nll_sample")):
         row[key] = scvi_reconstruction_error(
