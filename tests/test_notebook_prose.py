@@ -103,3 +103,13 @@ def test_every_glue_key_of_the_prose_is_glued(path: Path):
     patterns = glued_keys(path)
     missing = [k for k in used_keys(path) if not any(p.fullmatch(k) for p in patterns)]
     assert not missing, f"{path.name}: prose uses glue keys no cell glues: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_every_cell_has_a_valid_id(path: Path):
+    """nbformat 4.5 requires cell ids (a missing one is a warning today, an error to come)."""
+    import nbformat
+
+    missing = [i for i, cell in enumerate(_cells(path)) if "id" not in cell]  # as stored
+    assert not missing, f"{path.name}: cells without an id: {missing}"
+    nbformat.validate(nbformat.read(path, as_version=4))
