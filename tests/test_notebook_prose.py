@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import nbformat
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -108,8 +109,6 @@ def test_every_glue_key_of_the_prose_is_glued(path: Path):
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
 def test_every_cell_has_a_valid_id(path: Path):
     """nbformat 4.5 requires cell ids (a missing one is a warning today, an error to come)."""
-    import nbformat
-
     missing = [i for i, cell in enumerate(_cells(path)) if "id" not in cell]  # as stored
     assert not missing, f"{path.name}: cells without an id: {missing}"
     nbformat.validate(nbformat.read(path, as_version=4))
