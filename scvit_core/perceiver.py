@@ -48,6 +48,10 @@ against scVI's 6,066), and ``benchmarks/perceiver_variants.py`` measures it:
 * **theta per gene and cell** (``dispersion="gene-cell"``): the readout decodes an offset of
   each gene's inverse dispersion per cell, so a cell type's overdispersion is its own.
 
+**scVI's network shape** (``encoder="mlp"``, ``decoder="mlp"``, an ablation): one hidden layer
+of 128 units from the input to ``q(z | x)`` and from ``z`` to every gene's outputs, with this
+model's count model, likelihood and training, measures what the attention adds beyond them.
+
 **Input masking** (``input_masking=p``) is an option, off by default: while training, each
 gene's input value is hidden with probability ``p`` and the whole count vector is still the
 target, a denoising objective against memorising few deep training cells. A hidden gene's
@@ -92,6 +96,7 @@ LIKELIHOODS = ("nb", "corrected", "legacy")
 TOKENS = ("genes", "conv")
 NORMS = ("layer", "batch")
 DISPERSIONS = ("gene", "gene-cell")
+NETWORKS = ("attention", "mlp")
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,16 @@ class PerceiverConfig:
         (``nn.Embedding``'s 1): large enough that attention starts away from uniform; with
         0.02 (ViT's) every softmax over 4,000 genes starts flat and the test NLL after the
         same budget is about 1% worse.
+    encoder, decoder
+        ``"attention"``: the Perceiver encoder (gene tokens, latent tokens, blocks) and decoder
+        (blocks, per-gene readout). ``"mlp"``: scVI's network shape instead, one hidden layer
+        of ``mlp_hidden`` units (``Linear -> LayerNorm -> ReLU -> Linear``) from the input to
+        ``q(z | x)`` or from ``z`` to every gene's outputs, with the same count model,
+        likelihood and training (ablation: what the attention adds to the count model).
+        The switches of the attention parts (``tokens``, ``norm``, ``dropout``,
+        ``attention``, ...) then apply to the side that keeps them.
+    mlp_hidden
+        Hidden units of an ``"mlp"`` encoder or decoder (scVI's 128).
     """
 
     n_genes: int
@@ -181,6 +196,9 @@ class PerceiverConfig:
     tie_genes: bool = False
     fused_attention: bool = False
     init_std: float = 1.0
+    encoder: str = "attention"
+    decoder: str = "attention"
+    mlp_hidden: int = 128
     architecture: str = dataclasses.field(default="perceiver", init=False)
 
     def __post_init__(self) -> None:
@@ -191,6 +209,8 @@ class PerceiverConfig:
             ("tokens", self.tokens, TOKENS),
             ("norm", self.norm, NORMS),
             ("dispersion", self.dispersion, DISPERSIONS),
+            ("encoder", self.encoder, NETWORKS),
+            ("decoder", self.decoder, NETWORKS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -202,6 +222,18 @@ class PerceiverConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.input_masking < 1:
             raise ValueError(f"input_masking must be in [0, 1), got {self.input_masking}")
+        if self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be positive, got {self.mlp_hidden}")
+        if self.encoder == "mlp" and self.tokens != "genes":
+            raise ValueError(
+                f'tokens={self.tokens!r} needs the attention encoder; an encoder="mlp" reads '
+                'the genes directly (set tokens="genes")'
+            )
+        if self.tie_genes and "mlp" in (self.encoder, self.decoder):
+            raise ValueError(
+                "tie_genes shares the gene tables of the attention encoder and readout; "
+                'it needs encoder="attention" and decoder="attention"'
+            )
 
     @property
     def n_windows(self) -> int:
@@ -473,6 +505,37 @@ class GeneReadout(nn.Module):
         return outputs
 
 
+class MLP(nn.Sequential):
+    """scVI's network shape: ``Linear -> LayerNorm -> ReLU -> Linear`` (ablation).
+
+    scVI's hidden layer has BatchNorm and Dropout(0.1); LayerNorm without dropout keeps the
+    network the same in training and evaluation, as the attention model.
+    """
+
+    def __init__(self, n_in: int, n_hidden: int, n_out: int) -> None:
+        super().__init__(
+            nn.Linear(n_in, n_hidden), nn.LayerNorm(n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out)
+        )
+
+
+class MLPReadout(nn.Module):
+    """The readout of an MLP decoder: ``z -> MLP -> (B, n_outputs, G)`` plus each gene's bias.
+
+    The bias table has :class:`GeneReadout`'s shape and role (``init_gene_parameters`` starts
+    it at the null model's gene shares), so the count model is the same on both decoders.
+    """
+
+    def __init__(self, config: PerceiverConfig, n_outputs: int) -> None:
+        super().__init__()
+        self.n_outputs = n_outputs
+        self.mlp = MLP(config.n_latent, config.mlp_hidden, n_outputs * config.n_genes)
+        self.bias = nn.Parameter(torch.zeros(n_outputs, config.n_genes))
+
+    def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
+        out = self.mlp(z).view(z.shape[0], self.n_outputs, -1) + self.bias  # (B, n_outputs, G)
+        return list(out.unbind(1))
+
+
 # the model ---------------------------------------------------------------------------------
 
 
@@ -495,21 +558,33 @@ class ScPerceiver(nn.Module):
         super().__init__()
         self.config = config
         d, m = config.dim, config.n_tokens
-        self.tokenizer = GeneEncoder(config) if config.tokens == "genes" else ConvEncoder(config)
-        self.encoder = nn.ModuleList(
-            Block(config, f"encoder.{i}") for i in range(config.encoder_blocks)
-        )
-        self.encoder_norm = nn.LayerNorm(m * d)
-        self.to_latent = nn.Linear(m * d, config.n_latent * (2 if config.variational else 1))
-        self.from_latent = nn.Linear(config.n_latent, m * d)
-        self.decoder = nn.ModuleList(
-            Block(config, f"decoder.{i}") for i in range(config.decoder_blocks)
-        )
+        n_posterior = config.n_latent * (2 if config.variational else 1)
+        if config.encoder == "mlp":  # ablation: scVI's encoder shape
+            self.mlp_encoder = MLP(config.n_genes, config.mlp_hidden, n_posterior)
+            self.encoder = nn.ModuleList()
+        else:
+            self.tokenizer = (
+                GeneEncoder(config) if config.tokens == "genes" else ConvEncoder(config)
+            )
+            self.encoder = nn.ModuleList(
+                Block(config, f"encoder.{i}") for i in range(config.encoder_blocks)
+            )
+            self.encoder_norm = nn.LayerNorm(m * d)
+            self.to_latent = nn.Linear(m * d, n_posterior)
         zero_inflated = config.likelihood != "nb"
         cell_theta = config.dispersion == "gene-cell"
-        tied = config.tie_genes and config.tokens == "genes"
-        genes = self.tokenizer.identity if tied else None
-        self.readout = GeneReadout(config, 1 + zero_inflated + cell_theta, genes)
+        n_outputs = 1 + zero_inflated + cell_theta
+        if config.decoder == "mlp":  # ablation: scVI's decoder shape
+            self.decoder = nn.ModuleList()
+            self.readout = MLPReadout(config, n_outputs)
+        else:
+            self.from_latent = nn.Linear(config.n_latent, m * d)
+            self.decoder = nn.ModuleList(
+                Block(config, f"decoder.{i}") for i in range(config.decoder_blocks)
+            )
+            tied = config.tie_genes and config.tokens == "genes"
+            genes = self.tokenizer.identity if tied else None
+            self.readout = GeneReadout(config, n_outputs, genes)
         self.log_theta = nn.Parameter(torch.zeros(config.n_genes))  # gene-wise, as scVI's px_r
         self.activations = OutputActivations(
             config.likelihood, library_scaling=config.library_scaling, allow_legacy_scaling=True
@@ -558,11 +633,14 @@ class ScPerceiver(nn.Module):
         hidden = None
         if self.training and self.config.input_masking > 0:
             hidden = torch.rand_like(x) < self.config.input_masking  # (B, G)
-        tokens = self.tokenizer(x, hidden)  # (B, m, d)
-        _save(record, "tokens", tokens)
-        for block in self.encoder:
-            tokens = block(tokens, record)
-        h = self.to_latent(self.encoder_norm(tokens.flatten(1)))  # (B, n_latent [x 2])
+        if self.config.encoder == "mlp":
+            h = self.mlp_encoder(x if hidden is None else x.masked_fill(hidden, 0.0))
+        else:
+            tokens = self.tokenizer(x, hidden)  # (B, m, d)
+            _save(record, "tokens", tokens)
+            for block in self.encoder:
+                tokens = block(tokens, record)
+            h = self.to_latent(self.encoder_norm(tokens.flatten(1)))  # (B, n_latent [x 2])
         if not self.config.variational:
             return h, None
         mu, logvar = h.chunk(2, dim=-1)
@@ -582,11 +660,14 @@ class ScPerceiver(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Likelihood parameters ``(mean, theta, gate_logits)``, each ``(B, n_genes)``."""
         b = z.shape[0]
-        tokens = self.from_latent(z).view(b, self.config.n_tokens, self.config.dim)
-        _save(record, "decoder.tokens", tokens)
-        for block in self.decoder:
-            tokens = block(tokens, record)
-        raw = self.readout(tokens)  # [(B, G)]: mean logits [, gate logits] [, theta offsets]
+        if self.config.decoder == "mlp":
+            raw = self.readout(z)
+        else:
+            tokens = self.from_latent(z).view(b, self.config.n_tokens, self.config.dim)
+            _save(record, "decoder.tokens", tokens)
+            for block in self.decoder:
+                tokens = block(tokens, record)
+            raw = self.readout(tokens)  # [(B, G)]: mean logits [, gate logits] [, theta offsets]
         gate = raw[1] if self.config.likelihood != "nb" else raw[0]  # ignored by the NB
         theta = self.log_theta.expand(b, -1)
         if self.config.dispersion == "gene-cell":
@@ -623,7 +704,8 @@ class ScPerceiver(nn.Module):
         Keys: ``tokens`` (the latent tokens after cross-attention to the genes), per encoder
         block ``encoder.{i}.attention`` (the update before the residual) and ``encoder.{i}``;
         ``latent`` (the posterior mean); ``decoder.tokens``; ``decoder.{i}.attention`` and
-        ``decoder.{i}``; ``mean``, ``theta``, ``gate_logits``.
+        ``decoder.{i}``; ``mean``, ``theta``, ``gate_logits`` (an ``"mlp"`` side has no tokens
+        and no blocks).
         """
         record: dict[str, torch.Tensor] = {}
         z = self.encode(x, record=record)
@@ -643,30 +725,36 @@ class ScPerceiver(nn.Module):
         ``encoder.{i}`` and ``decoder.{i}`` (residual self-attention among the ``m`` tokens,
         ``skip(x) + attention(norm x)``), ``decoder.readout`` (each gene's query reading the
         ``m`` tokens; its weights are normalised over the tokens, ``dim=1`` of ``(B, m, G)``).
-        With ``attention=False`` the sites are the learned constant mixing weights.
+        With ``attention=False`` the sites are the learned constant mixing weights; an
+        ``"mlp"`` encoder or decoder has none.
         """
         from scvit_core.model import AttentionSite
 
         def softmax(module: nn.Module) -> nn.Module:  # Attention, or anything with a Mixing
             return module.softmax if isinstance(module, Attention) else module.mixing.softmax
 
-        tokenizer = self.tokenizer
-        cross = tokenizer.cross if isinstance(tokenizer, ConvEncoder) else tokenizer
-        sites = [AttentionSite("encoder.cross", softmax(cross), self_attention=False)]
+        sites = []
+        if self.config.encoder == "attention":
+            tokenizer = self.tokenizer
+            cross = tokenizer.cross if isinstance(tokenizer, ConvEncoder) else tokenizer
+            sites.append(AttentionSite("encoder.cross", softmax(cross), self_attention=False))
         for block in [*self.encoder, *self.decoder]:
             sites.append(
                 AttentionSite(block.name, softmax(block.attention), block.attention, block.skip)
             )
-        sites.append(AttentionSite("decoder.readout", softmax(self.readout), self_attention=False))
+        if self.config.decoder == "attention":
+            readout = softmax(self.readout)
+            sites.append(AttentionSite("decoder.readout", readout, self_attention=False))
         return sites
 
     def token_layers(self) -> list[str]:
-        """``tokens``, ``encoder.{i}``, ``decoder.tokens``, ``decoder.{i}``: ``(B, m, d)`` each."""
+        """``tokens``, ``encoder.{i}``, ``decoder.tokens``, ``decoder.{i}``: ``(B, m, d)`` each
+        (those of the attention sides only)."""
+        encoder = ["tokens", *(b.name for b in self.encoder)]
+        decoder = ["decoder.tokens", *(b.name for b in self.decoder)]
         return [
-            "tokens",
-            *(b.name for b in self.encoder),
-            "decoder.tokens",
-            *(b.name for b in self.decoder),
+            *(encoder if self.config.encoder == "attention" else []),
+            *(decoder if self.config.decoder == "attention" else []),
         ]
 
     def layer_paths(self) -> dict[str, str]:
@@ -678,8 +766,10 @@ class ScPerceiver(nn.Module):
         model) or ``posterior`` (``[mu, logvar]``, the ``to_latent`` layer, of a variational
         one: ``latent`` is a slice of it, no module's output); ``decoder.tokens`` (flat,
         ``(B, m d)``). The readout returns a list and the activations a tuple: no layer.
+        An ``"mlp"`` encoder has ``encoder.hidden`` (after its ReLU) then ``posterior`` or
+        ``latent`` (its output); an ``"mlp"`` decoder has ``decoder.hidden``.
         """
-        paths = {"tokens": "tokenizer"}
+        paths: dict[str, str] = {}
 
         def add_blocks(blocks: nn.ModuleList, prefix: str) -> None:
             for i, block in enumerate(blocks):
@@ -689,11 +779,18 @@ class ScPerceiver(nn.Module):
                     paths[f"{block.name}.residual"] = f"{prefix}.{i}.residual"
                 paths[block.name] = f"{prefix}.{i}"
 
-        add_blocks(self.encoder, "encoder")
-        paths["encoder_norm"] = "encoder_norm"
-        paths["posterior" if self.config.variational else "latent"] = "to_latent"
-        paths["decoder.tokens"] = "from_latent"
-        add_blocks(self.decoder, "decoder")
+        latent = "posterior" if self.config.variational else "latent"
+        if self.config.encoder == "mlp":
+            paths |= {"encoder.hidden": "mlp_encoder.2", latent: "mlp_encoder"}
+        else:
+            paths["tokens"] = "tokenizer"
+            add_blocks(self.encoder, "encoder")
+            paths |= {"encoder_norm": "encoder_norm", latent: "to_latent"}
+        if self.config.decoder == "mlp":
+            paths["decoder.hidden"] = "readout.mlp.2"
+        else:
+            paths["decoder.tokens"] = "from_latent"
+            add_blocks(self.decoder, "decoder")
         return paths
 
 

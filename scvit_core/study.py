@@ -53,8 +53,11 @@ PERCEIVER_ABLATIONS: dict[str, dict[str, Any]] = {
     "BatchNorm + Dropout(0.5) (as scViT)": {"norm": "batch", "dropout": 0.5},
     "legacy likelihood (as scViT)": {"likelihood": "legacy"},
     "attention removed (constant mixing)": {"attention": False},
+    "scVI's MLP network, same count model": {"encoder": "mlp", "decoder": "mlp"},
 }
-"""scPerceiver's causal test (chapter 08): each fix of the diagnosis reverted alone.
+"""scPerceiver's causal test (chapter 08): each fix of the diagnosis reverted alone, and last
+the attention network replaced by scVI's (one hidden layer of 128 each side) under the same
+count model, likelihood and training: what the attention adds beyond them.
 
 The default that answers no finding (``dispersion="gene-cell"``) and the input-masking option
 (off by default) are not reverted here: ``benchmarks/perceiver_variants.py`` measures them.

@@ -40,6 +40,13 @@ ABLATIONS = {
     "no input masking": {"input_masking": 0.0},
     "untied gene tables": {"tie_genes": False},
     "tied gene tables, zinb": {"tie_genes": True, "likelihood": "corrected"},
+    "mlp encoder and decoder": {"encoder": "mlp", "decoder": "mlp"},
+    "mlp encoder, masked input": {"encoder": "mlp", "input_masking": 0.3},
+    "mlp decoder, zinb, deterministic": {
+        "decoder": "mlp",
+        "likelihood": "corrected",
+        "variational": False,
+    },
 }
 
 
@@ -189,6 +196,46 @@ def test_tied_gene_tables_share_the_encoders_identity_embedding():
     torch.testing.assert_close(readout, tied.tokenizer.identity @ tied.readout.readout_maps[0])
 
 
+def test_mlp_encoder_and_decoder_replace_the_attention_sides():
+    """``encoder="mlp"`` / ``decoder="mlp"``: scVI's network shape, nothing of the Perceiver on
+    that side (no tokens, blocks or attention sites), the same count model and outputs."""
+    x = torch.log1p(counts())
+    both = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, encoder="mlp", decoder="mlp"))
+    names = {name.split(".")[0] for name, _ in both.named_parameters()}
+    assert names == {"mlp_encoder", "readout", "log_theta"}
+    assert both.attention_sites() == [] and both.token_layers() == []
+    assert [type(m).__name__ for m in both.mlp_encoder] == ["Linear", "LayerNorm", "ReLU", "Linear"]
+    assert both.mlp_encoder[0].in_features == 48 and both.mlp_encoder[0].out_features == 128
+    assert both.readout.mlp[-1].out_features == 2 * 48  # mean logits and theta offsets
+    assert list(both.layer_paths()) == ["encoder.hidden", "posterior", "decoder.hidden"]
+    with torch.no_grad():
+        out = both.eval()(x, library=x.sum(1))
+        record = both.forward_intermediates(x, library=x.sum(1))
+    torch.testing.assert_close(out.mean.sum(1), x.sum(1), rtol=1e-4, atol=1e-3)
+    assert (out.theta.std(0) > 1e-4).all()  # theta per gene and cell, as the default
+    assert set(record) == {"latent", "mean", "theta"}
+    hybrid = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, encoder="mlp"))
+    assert [s.name for s in hybrid.attention_sites()] == ["decoder.0", "decoder.readout"]
+    assert hybrid.token_layers() == ["decoder.tokens", "decoder.0"]
+    other = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, decoder="mlp"))
+    assert [s.name for s in other.attention_sites()] == ["encoder.cross", "encoder.0"]
+
+
+@pytest.mark.parametrize(
+    "switches, message",
+    [
+        ({"encoder": "dense"}, "encoder must be one of"),
+        ({"decoder": "transformer"}, "decoder must be one of"),
+        ({"encoder": "mlp", "tokens": "conv"}, "needs the attention encoder"),
+        ({"decoder": "mlp", "tie_genes": True}, "tie_genes"),
+        ({"mlp_hidden": 0}, "mlp_hidden must be positive"),
+    ],
+)
+def test_network_switches_are_validated(switches, message):
+    with pytest.raises(ValueError, match=message):
+        PerceiverConfig.for_genes(48, **switches)
+
+
 def test_posterior_mean_in_evaluation_and_samples_when_asked():
     net = ScPerceiver(PerceiverConfig.for_genes(48, **TINY)).eval()
     x = torch.log1p(counts())
@@ -213,13 +260,18 @@ def test_uniform_weights_without_attention_do_not_depend_on_the_cell():
     torch.testing.assert_close(net.tokenizer(x), other)
 
 
-def test_init_gene_parameters_starts_at_the_library_null(zeisel):
-    config = PerceiverConfig.for_genes(zeisel.n_vars, **TINY)
+@pytest.mark.parametrize("decoder", ["attention", "mlp"])
+def test_init_gene_parameters_starts_at_the_library_null(zeisel, decoder):
+    config = PerceiverConfig.for_genes(zeisel.n_vars, **TINY, decoder=decoder)
     net = ScPerceiver(config).eval()
     null = B.fit_null_nb(zeisel, library_scaled=True)
     net.init_gene_parameters(torch.as_tensor(null.gene_param), torch.as_tensor(null.theta), 1e4)
-    with torch.no_grad():
-        net.readout.readout.zero_()  # only the biases left: the decoder is the null
+    with torch.no_grad():  # only the biases left: the decoder is the null
+        if decoder == "mlp":
+            net.readout.mlp[-1].weight.zero_()
+            net.readout.mlp[-1].bias.zero_()
+        else:
+            net.readout.readout.zero_()
         x = torch.tensor(zeisel.X[:20].toarray(), dtype=torch.float32)
         out = net(torch.log1p(x), library=x.sum(1))
     expected = torch.as_tensor(null.mean(x.sum(1).numpy()), dtype=torch.float32)

@@ -40,6 +40,8 @@ def test_book_specs_hold_every_chapter_run_once():
         profile.variant_seeds
     )
     assert dict(perceiver["library scaling off"][0].options) == {"library_scaling": False}
+    mlp = dict(perceiver["scVI's MLP network, same count model"][0].options)
+    assert mlp == {"encoder": "mlp", "decoder": "mlp"}
     assert all(s.profile == "cpu" for s in specs)
     assert {s.dataset for s in specs} == {profile.dataset, study.SECOND_DATASET}
     budgets = {s.epochs for s in specs if s.model == "scvi"}
