@@ -59,12 +59,17 @@ def _config(args: argparse.Namespace, n_genes: int):
         overrides = dict(attention=not args.no_attention)
         if args.likelihood is not None:
             overrides["likelihood"] = args.likelihood
+        for side in ("encoder", "decoder"):
+            if args.mlp in (side, "both"):
+                overrides[side] = "mlp"
         if args.no_conv_stem or args.shared_linear or args.extra_convs or args.width != 1.0:
             raise ValueError(
                 "--no-conv-stem, --shared-linear, --extra-convs and --width are scViT's "
                 "switches; scPerceiver has none of them (drop them or use --model scvit)"
             )
         return PerceiverConfig.for_genes(n_genes, **overrides)
+    if args.mlp is not None:
+        raise ValueError("--mlp is scPerceiver's switch; add --model perceiver or drop it")
     overrides = dict(likelihood=args.likelihood or "legacy", library_scaling=args.library_scaling)
     overrides.update(
         attention=not args.no_attention,
@@ -247,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--library-scaling", action="store_true")
     train.add_argument("--no-attention", action="store_true")
     train.add_argument("--no-conv-stem", action="store_true")
+    train.add_argument(
+        "--mlp",
+        choices=("encoder", "decoder", "both"),
+        default=None,
+        help="perceiver: scVI's MLP in place of the attention encoder, decoder or both (ablation)",
+    )
     train.add_argument("--shared-linear", action="store_true", help="one linear for all tokens")
     train.add_argument("--extra-convs", type=int, default=0)
     train.add_argument("--width", type=float, default=1.0, help="bigger model: width > 1")

@@ -8,7 +8,10 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pytest
 import scipy.sparse as sp
+
+from scvit_core.cli import _config, build_parser
 
 
 def scvit(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -69,6 +72,23 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in run.stderr
     run = scvit("evaluate", tmp_path / "nowhere", "zeisel2015")
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_mlp_switch_sets_the_perceiver_networks():
+    parser = build_parser()
+
+    def config(*extra):
+        args = parser.parse_args(["train", "zeisel2015", "--out", "m", *extra])
+        return _config(args, 30)
+
+    both = config("--model", "perceiver", "--mlp", "both")
+    assert (both.encoder, both.decoder) == ("mlp", "mlp")
+    decoder = config("--model", "perceiver", "--mlp", "decoder")
+    assert (decoder.encoder, decoder.decoder) == ("attention", "mlp")
+    default = config("--model", "perceiver")
+    assert (default.encoder, default.decoder) == ("attention", "attention")
+    with pytest.raises(ValueError, match="scPerceiver's switch"):
+        config("--mlp", "both")
 
 
 def test_train_and_evaluate_the_perceiver(tmp_path):
