@@ -168,8 +168,10 @@ class PerceiverConfig:
         of ``mlp_hidden`` units (``Linear -> LayerNorm -> ReLU -> Linear``) from the input to
         ``q(z | x)`` or from ``z`` to every gene's outputs, with the same count model,
         likelihood and training (ablation: what the attention adds to the count model).
-        The switches of the attention parts (``tokens``, ``norm``, ``dropout``,
-        ``attention``, ...) then apply to the side that keeps them.
+        ``norm`` picks the MLP's norm too, and ``dropout`` drops after an MLP encoder's hidden
+        layer (``norm="batch", dropout=0.1``: scVI's encoder and decoder exactly); the other
+        switches of the attention parts (``tokens``, ``attention``, ...) apply to the side
+        that keeps them.
     mlp_hidden
         Hidden units of an ``"mlp"`` encoder or decoder (scVI's 128).
     """
@@ -506,15 +508,24 @@ class GeneReadout(nn.Module):
 
 
 class MLP(nn.Sequential):
-    """scVI's network shape: ``Linear -> LayerNorm -> ReLU -> Linear`` (ablation).
+    """scVI's network shape: ``Linear -> norm -> ReLU [-> Dropout] -> Linear`` (ablation).
 
-    scVI's hidden layer has BatchNorm and Dropout(0.1); LayerNorm without dropout keeps the
-    network the same in training and evaluation, as the attention model.
+    ``norm="layer"`` (the default): LayerNorm, and no dropout keeps the network the same in
+    training and evaluation, as the attention model. ``norm="batch"`` with ``dropout=0.1``
+    is scVI's encoder exactly (BatchNorm with scvi-tools' momentum 0.01 and eps 0.001; its
+    decoder: ``dropout=0``).
     """
 
-    def __init__(self, n_in: int, n_hidden: int, n_out: int) -> None:
+    def __init__(
+        self, n_in: int, n_hidden: int, n_out: int, *, norm: str = "layer", dropout: float = 0.0
+    ) -> None:
+        if norm == "batch":
+            normalise = nn.BatchNorm1d(n_hidden, momentum=0.01, eps=0.001)
+        else:
+            normalise = nn.LayerNorm(n_hidden)
+        drop = [Dropout(dropout)] if dropout > 0 else []  # none: the state dict's names stay
         super().__init__(
-            nn.Linear(n_in, n_hidden), nn.LayerNorm(n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_out)
+            nn.Linear(n_in, n_hidden), normalise, nn.ReLU(), *drop, nn.Linear(n_hidden, n_out)
         )
 
 
@@ -528,7 +539,10 @@ class MLPReadout(nn.Module):
     def __init__(self, config: PerceiverConfig, n_outputs: int) -> None:
         super().__init__()
         self.n_outputs = n_outputs
-        self.mlp = MLP(config.n_latent, config.mlp_hidden, n_outputs * config.n_genes)
+        # as scVI's decoder: its norm, no dropout
+        self.mlp = MLP(
+            config.n_latent, config.mlp_hidden, n_outputs * config.n_genes, norm=config.norm
+        )
         self.bias = nn.Parameter(torch.zeros(n_outputs, config.n_genes))
 
     def forward(self, z: torch.Tensor) -> list[torch.Tensor]:
@@ -560,7 +574,13 @@ class ScPerceiver(nn.Module):
         d, m = config.dim, config.n_tokens
         n_posterior = config.n_latent * (2 if config.variational else 1)
         if config.encoder == "mlp":  # ablation: scVI's encoder shape
-            self.mlp_encoder = MLP(config.n_genes, config.mlp_hidden, n_posterior)
+            self.mlp_encoder = MLP(
+                config.n_genes,
+                config.mlp_hidden,
+                n_posterior,
+                norm=config.norm,
+                dropout=config.dropout,
+            )
             self.encoder = nn.ModuleList()
         else:
             self.tokenizer = (

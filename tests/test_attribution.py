@@ -115,6 +115,7 @@ PERCEIVER_SWITCHES = [
     dict(norm="batch", variational=False),
     dict(fused_attention=True),  # the safe copy takes the explicit path of a fused model
     dict(encoder="mlp", decoder="mlp"),  # scVI's network shape (ablation)
+    dict(encoder="mlp", decoder="mlp", norm="batch", dropout=0.1),  # scVI's networks exactly
     dict(encoder="mlp", likelihood="corrected"),
     dict(decoder="mlp", variational=False),
 ]
@@ -138,6 +139,7 @@ def test_perceiver_safe_copy_equals_fast_path(switches, make_perceiver):
 def assert_safe_copy_equals_fast_path(model: nn.Module) -> nn.Module:
     """The safe copy (with a probe on every layer) computes what ``model`` does; returns it."""
     fused = [m.fused for m in model.modules() if isinstance(m, Attention)]
+    norms = sum(type(m) is nn.LayerNorm for m in model.modules())
     safe = attribution_safe(model)
     for name in layer_names(safe):  # probes must not change anything either
         probe(safe, name)
@@ -159,7 +161,7 @@ def assert_safe_copy_equals_fast_path(model: nn.Module) -> nn.Module:
             torch.testing.assert_close(b, a, atol=5e-5, rtol=5e-5, msg=key)
     # the user's model is untouched: its attention paths as they were, still nn.LayerNorm
     assert [m.fused for m in model.modules() if isinstance(m, Attention)] == fused
-    assert any(type(m) is nn.LayerNorm for m in model.modules())
+    assert sum(type(m) is nn.LayerNorm for m in model.modules()) == norms
     assert not any(type(m) is nn.LayerNorm for m in safe.modules())
     return safe
 

@@ -41,6 +41,7 @@ ABLATIONS = {
     "untied gene tables": {"tie_genes": False},
     "tied gene tables, zinb": {"tie_genes": True, "likelihood": "corrected"},
     "mlp encoder and decoder": {"encoder": "mlp", "decoder": "mlp"},
+    "mlp as scVI's": {"encoder": "mlp", "decoder": "mlp", "norm": "batch", "dropout": 0.1},
     "mlp encoder, masked input": {"encoder": "mlp", "input_masking": 0.3},
     "mlp decoder, zinb, deterministic": {
         "decoder": "mlp",
@@ -219,6 +220,14 @@ def test_mlp_encoder_and_decoder_replace_the_attention_sides():
     assert hybrid.token_layers() == ["decoder.tokens", "decoder.0"]
     other = ScPerceiver(PerceiverConfig.for_genes(48, **TINY, decoder="mlp"))
     assert [s.name for s in other.attention_sites()] == ["encoder.cross", "encoder.0"]
+    scvi = ScPerceiver(
+        PerceiverConfig.for_genes(48, encoder="mlp", decoder="mlp", norm="batch", dropout=0.1)
+    )
+    kinds = [type(m).__name__ for m in scvi.mlp_encoder]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    assert scvi.mlp_encoder[3].p == 0.1 and scvi.mlp_encoder[1].momentum == 0.01
+    kinds = [type(m).__name__ for m in scvi.readout.mlp]  # scVI's decoder: no dropout
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
 
 
 @pytest.mark.parametrize(
