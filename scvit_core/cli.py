@@ -59,6 +59,10 @@ def _config(args: argparse.Namespace, n_genes: int):
         overrides = dict(attention=not args.no_attention)
         if args.likelihood is not None:
             overrides["likelihood"] = args.likelihood
+        from scvit_core.perceiver import SCVI_NETWORKS
+
+        if args.mlp == "scvi":
+            overrides.update(SCVI_NETWORKS)
         for side in ("encoder", "decoder"):
             if args.mlp in (side, "both"):
                 overrides[side] = "mlp"
@@ -254,9 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-conv-stem", action="store_true")
     train.add_argument(
         "--mlp",
-        choices=("encoder", "decoder", "both"),
+        choices=("encoder", "decoder", "both", "scvi"),
         default=None,
-        help="perceiver: scVI's MLP in place of the attention encoder, decoder or both (ablation)",
+        help="perceiver: scVI's shape of MLP (LayerNorm) in place of the attention encoder, "
+        "decoder or both; scvi: scVI's encoder and decoder exactly (BatchNorm, Dropout(0.1))",
     )
     train.add_argument("--shared-linear", action="store_true", help="one linear for all tokens")
     train.add_argument("--extra-convs", type=int, default=0)

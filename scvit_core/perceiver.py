@@ -50,7 +50,9 @@ against scVI's 6,066), and ``benchmarks/perceiver_variants.py`` measures it:
 
 **scVI's network shape** (``encoder="mlp"``, ``decoder="mlp"``, an ablation): one hidden layer
 of 128 units from the input to ``q(z | x)`` and from ``z`` to every gene's outputs, with this
-model's count model, likelihood and training, measures what the attention adds beyond them.
+model's count model, likelihood and training, measures what the attention adds beyond them;
+with ``norm="batch", dropout=0.1`` these are scVI's encoder and decoder exactly
+(``study.SCVI_NETWORKS``, chapter 08's third model).
 
 **Input masking** (``input_masking=p``) is an option, off by default: while training, each
 gene's input value is hidden with probability ``p`` and the whole count vector is still the
@@ -97,6 +99,17 @@ TOKENS = ("genes", "conv")
 NORMS = ("layer", "batch")
 DISPERSIONS = ("gene", "gene-cell")
 NETWORKS = ("attention", "mlp")
+
+SCVI_NETWORKS: dict[str, Any] = {
+    "encoder": "mlp",
+    "decoder": "mlp",
+    "norm": "batch",
+    "dropout": 0.1,
+}
+"""The switches for scVI's encoder and decoder exactly (one hidden layer of 128 units,
+BatchNorm, Dropout(0.1) in the encoder) under scPerceiver's count model, likelihood and
+training: chapter 08's third model, the last row of its ablation, ``scvit train --model
+perceiver --mlp scvi``."""
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,9 @@ def test_mlp_switch_sets_the_perceiver_networks():
     assert (decoder.encoder, decoder.decoder) == ("attention", "mlp")
     default = config("--model", "perceiver")
     assert (default.encoder, default.decoder) == ("attention", "attention")
+    scvi = config("--model", "perceiver", "--mlp", "scvi")  # chapter 08's third model
+    assert (scvi.encoder, scvi.decoder, scvi.norm, scvi.dropout) == ("mlp", "mlp", "batch", 0.1)
+    assert (both.norm, both.dropout) == (default.norm, default.dropout)
     with pytest.raises(ValueError, match="scPerceiver's switch"):
         config("--mlp", "both")
 

@@ -40,8 +40,11 @@ def test_book_specs_hold_every_chapter_run_once():
         profile.variant_seeds
     )
     assert dict(perceiver["library scaling off"][0].options) == {"library_scaling": False}
-    mlp = dict(perceiver["scVI's MLP network, same count model"][0].options)
-    assert mlp == {"encoder": "mlp", "decoder": "mlp"}
+    mlp = dict(perceiver["scVI's networks, same count model"][0].options)
+    assert mlp == {"encoder": "mlp", "decoder": "mlp", "norm": "batch", "dropout": 0.1}
+    # the comparison's third model is the ablation's last row: the same runs (seed 0 shared)
+    networks = study.perceiver_comparison(profile="cpu")[study.SCVI_NETWORKS_LABEL]
+    assert perceiver["scVI's networks, same count model"][0].key == networks[0].key
     assert all(s.profile == "cpu" for s in specs)
     assert {s.dataset for s in specs} == {profile.dataset, study.SECOND_DATASET}
     budgets = {s.epochs for s in specs if s.model == "scvi"}
