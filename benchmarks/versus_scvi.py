@@ -4,6 +4,7 @@
 
     python benchmarks/versus_scvi.py --dataset zeisel2015 --seeds 3
     python benchmarks/versus_scvi.py --dataset path/to/data.h5ad --labels-key celltype
+    python benchmarks/versus_scvi.py --dataset zeisel2015 --model scvi-networks
 
 For each seed both models train on the same cells of the stored split (a label-stratified
 subsample of at most ``--max-cells`` cells, the cpu profile's 1,500 by default), one after the
@@ -11,11 +12,13 @@ other in this process, and are scored on the same test cells under the evaluatio
 the test NLL at the posterior mean (and at one posterior sample, scvi-tools' reading), and the
 report's MLP, kNN and logistic-regression accuracy on the latent. scVI trains for scvi-tools'
 ``get_max_epochs_heuristic`` epochs (400 below 20k cells) with ``n_latent=64``; scPerceiver
-for its own default budget (:func:`scvit_core.api.perceiver_epochs`). One table row per model
-and seed is printed, then exactly one line::
+for its own default budget (:func:`scvit_core.api.perceiver_epochs`). ``--model
+scvi-networks`` trains scVI's encoder and decoder under scPerceiver's count model and training
+(:data:`scvit_core.perceiver.SCVI_NETWORKS`, chapter 08's third model) in its place. One
+table row per model and seed is printed, then exactly one line::
 
-    RESULT dataset=<name> model=scperceiver nll=<x> scvi_nll=<y> mlp=<a> scvi_mlp=<b>
-        knn=<c> scvi_knn=<d> time_ratio=<scPerceiver / scVI training wall time>
+    RESULT dataset=<name> model=<scperceiver or scvi-networks> nll=<x> scvi_nll=<y> mlp=<a>
+        scvi_mlp=<b> knn=<c> scvi_knn=<d> time_ratio=<the model's / scVI's training wall time>
 
 (on one line; means over seeds; NLL at the posterior mean).
 """
@@ -64,11 +67,18 @@ def readouts(adata, latent: np.ndarray, seed: int) -> dict[str, float]:
     return row
 
 
-def fit_perceiver(adata, seed: int):
-    """scPerceiver at its defaults and default budget: ``(model, training wall time in s)``."""
-    from scvit_core.api import ScPerceiverModel
+MODELS = ("scperceiver", "scvi-networks")
+"""What ``--model`` trains against scVI: scPerceiver, or scVI's networks under its count model."""
 
-    model = ScPerceiverModel(adata, seed=seed)
+
+def fit_perceiver(adata, seed: int, model_name: str = "scperceiver"):
+    """scPerceiver (or ``"scvi-networks"``) at its defaults and default budget:
+    ``(model, training wall time in s)``."""
+    from scvit_core.api import ScPerceiverModel
+    from scvit_core.perceiver import SCVI_NETWORKS
+
+    overrides = SCVI_NETWORKS if model_name == "scvi-networks" else {}
+    model = ScPerceiverModel(adata, seed=seed, **overrides)
     start = time.perf_counter()
     model.train(seed=seed, enable_progress_bar=False)
     return model, time.perf_counter() - start
@@ -86,8 +96,8 @@ def fit_scvi(adata, seed: int):
     return train_scvi(adata, max_epochs=epochs, seed=seed, n_latent=64), epochs
 
 
-def run_perceiver(adata, seed: int) -> dict[str, float]:
-    model, wall = fit_perceiver(adata, seed)
+def run_perceiver(adata, seed: int, model_name: str = "scperceiver") -> dict[str, float]:
+    model, wall = fit_perceiver(adata, seed, model_name)
     row = {
         "epochs": int(model.train_config.epochs),
         "time_s": wall,
@@ -117,6 +127,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--labels-key", default=None, help="obs column of cell types")
     parser.add_argument("--max-cells", type=int, default=1500, help="stratified subsample")
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="scperceiver",
+        help="scperceiver, or scVI's networks under scPerceiver's count model (scvi-networks)",
+    )
     args = parser.parse_args()
 
     from scvit_core.train import quiet_lightning
@@ -128,9 +144,13 @@ def main() -> None:
     print(f"{name}: {adata.n_obs:,} cells x {adata.n_vars:,} genes, {args.seeds} seed(s)")
     rows = []
     for seed in range(args.seeds):
-        for model, runner in (("scperceiver", run_perceiver), ("scvi", run_scvi)):
+        for model in (args.model, "scvi"):
             with quiet_lightning(True):
-                row = {"model": model, "seed": seed} | runner(adata, seed)
+                if model == "scvi":
+                    fields = run_scvi(adata, seed)
+                else:
+                    fields = run_perceiver(adata, seed, model)
+                row = {"model": model, "seed": seed} | fields
             rows.append(row)
             print(
                 "  ".join(
@@ -141,9 +161,9 @@ def main() -> None:
     table = pd.DataFrame(rows)
     means = table.groupby("model").mean(numeric_only=True)
     print(means.round(4).to_string())
-    new, ref = means.loc["scperceiver"], means.loc["scvi"]
+    new, ref = means.loc[args.model], means.loc["scvi"]
     print(
-        f"RESULT dataset={name} model=scperceiver nll={new['nll']:.2f} scvi_nll={ref['nll']:.2f} "
+        f"RESULT dataset={name} model={args.model} nll={new['nll']:.2f} scvi_nll={ref['nll']:.2f} "
         f"mlp={new['mlp']:.4f} scvi_mlp={ref['mlp']:.4f} knn={new['knn']:.4f} "
         f"scvi_knn={ref['knn']:.4f} time_ratio={new['time_s'] / ref['time_s']:.3f}"
     )
