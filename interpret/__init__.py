@@ -21,6 +21,7 @@ from .attribution import (
     LatentTarget,
     MeanTarget,
     Sanity,
+    ScviAutoencoder,
     ScviEncoder,
     attribute,
     method_agreement,
@@ -29,6 +30,7 @@ from .attribution import (
     randomisation_check,
     rank_agreement,
     reinitialise,
+    scvi_autoencoder,
     scvi_encoder,
     tolerance,
 )
@@ -70,6 +72,7 @@ __all__ = [
     "SafeOutputActivations",
     "SafeSoftmax",
     "Sanity",
+    "ScviAutoencoder",
     "ScviEncoder",
     "attribute",
     "attribution_fast",
@@ -90,6 +93,7 @@ __all__ = [
     "randomisation_check",
     "rank_agreement",
     "reinitialise",
+    "scvi_autoencoder",
     "scvi_encoder",
     "tolerance",
 ]

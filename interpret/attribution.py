@@ -208,6 +208,65 @@ def scvi_encoder(scvi_model: Any) -> ScviEncoder:
     return ScviEncoder(scvi_model.module)
 
 
+class ScviAutoencoder(nn.Module):
+    """scVI's encoder and decoder behind the interface the diagnostics read.
+
+    ``encode(counts)`` is :class:`ScviEncoder` (the posterior mean); ``decode(z, library=)``
+    gives ``(mean, theta, gate_logits)`` of scVI's generative model with the observed library
+    size, as scvi-tools 1.4's ``VAE.generative`` with one batch: ``mean = library x px_scale``,
+    ``theta = exp(px_r)`` (one per gene) and the zero-inflation logits. scVI's ZINB is this
+    package's ``"corrected"`` likelihood (an NB of mean ``mean``, gate ``sigmoid(logits)``) and
+    its NB the ``"nb"`` one, so :func:`interpret.diagnostics.likelihood_beyond_null` and
+    :func:`~interpret.diagnostics.amortisation_gap` score scVI in the same units as the
+    package's networks. The input is raw counts (``log1p`` inside, as scVI). Shares its
+    weights with the scVI model it was made from.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        likelihood = {"zinb": "corrected", "nb": "nb"}.get(module.gene_likelihood)
+        if likelihood is None:
+            raise NotImplementedError(
+                f"scVI's {module.gene_likelihood!r} likelihood is not supported (zinb or nb)"
+            )
+        if module.dispersion != "gene":
+            raise NotImplementedError(
+                f"scVI's {module.dispersion!r} dispersion is not supported (gene only)"
+            )
+        self.encoder = ScviEncoder(module)
+        self.decoder = module.decoder
+        self.px_r = module.px_r
+        self.config = SimpleNamespace(likelihood=likelihood, n_latent=module.n_latent)
+
+    def encode(self, counts: torch.Tensor) -> torch.Tensor:
+        return self.encoder(counts)
+
+    def decode(
+        self, z: torch.Tensor, *, library: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if library is None:
+            raise ValueError("scVI decodes with the observed library size; pass library=")
+        log_library = torch.log(library.reshape(-1, 1).to(z.dtype))
+        batch = torch.zeros(len(z), 1, device=z.device)
+        _, _, mean, gate = self.decoder("gene", z, log_library, batch)
+        theta = torch.exp(self.px_r).expand_as(mean)
+        return mean, theta, gate if self.config.likelihood == "corrected" else None
+
+
+def scvi_autoencoder(scvi_model: Any) -> ScviAutoencoder:
+    """scVI's encoder and decoder as one network for the diagnostics (counts in).
+
+    Parameters
+    ----------
+    scvi_model
+        A trained ``scvi.model.SCVI`` with one batch, no covariates, gene-wise dispersion and
+        a ZINB or NB likelihood.
+    """
+    return ScviAutoencoder(scvi_model.module)
+
+
 class _Selected(nn.Module):
     """One output column of a target model, its extra arguments bound to one cell (for shap,
     which explains every output column and passes no extra arguments)."""

@@ -54,13 +54,16 @@ def _config(args: argparse.Namespace, n_genes: int):
     from scvit_core.config import ScViTConfig
 
     if args.model == "perceiver":
-        from scvit_core.perceiver import PerceiverConfig
+        from scvit_core.perceiver import SCVI_NETWORKS, PerceiverConfig
 
+        if args.no_attention and args.mlp in ("both", "scvi"):
+            raise ValueError(
+                f"--no-attention changes nothing with --mlp {args.mlp} (no attention is left); "
+                "drop one of them"
+            )
         overrides = dict(attention=not args.no_attention)
         if args.likelihood is not None:
             overrides["likelihood"] = args.likelihood
-        from scvit_core.perceiver import SCVI_NETWORKS
-
         if args.mlp == "scvi":
             overrides.update(SCVI_NETWORKS)
         for side in ("encoder", "decoder"):

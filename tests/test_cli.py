@@ -92,6 +92,11 @@ def test_mlp_switch_sets_the_perceiver_networks():
     assert (both.norm, both.dropout) == (default.norm, default.dropout)
     with pytest.raises(ValueError, match="scPerceiver's switch"):
         config("--mlp", "both")
+    for mlp in ("both", "scvi"):  # no attention left to switch off
+        with pytest.raises(ValueError, match="--no-attention changes nothing"):
+            config("--model", "perceiver", "--mlp", mlp, "--no-attention")
+    encoder = config("--model", "perceiver", "--mlp", "encoder", "--no-attention")
+    assert (encoder.encoder, encoder.attention) == ("mlp", False)  # the decoder's is off
 
 
 def test_train_and_evaluate_the_perceiver(tmp_path):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from interpret.diagnostics import (
+    amortisation_gap,
     attention_entropy,
     attention_knockout,
     attention_layers,
@@ -292,6 +293,85 @@ def test_likelihood_beyond_null_sign_convention(model, data):
     assert frame.loc["model", "gain_vs_constant"] < 0
 
 
+def test_amortisation_gap_bounds_and_invariances(model, data):
+    x, counts, split = data["x"], data["counts"], data["split"]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    frame = amortisation_gap(model, x, counts, split, steps=5, lr=0.05)
+    row = frame.iloc[0]
+    assert row["cells"] == (split == "test").sum()
+    # the encoder's NLL is the reported one: likelihood_beyond_null's on the same test cells
+    reported = likelihood_beyond_null(model, x, counts, split).set_index("model").loc["model"]
+    assert row["nll_encoder"] == pytest.approx(reported["nll"], rel=1e-6)
+    # an untrained decoder is far from its best latent: a real gain, never a loss
+    assert 0 < row["gap"] == pytest.approx(row["nll_encoder"] - row["nll_optimal"])
+    assert row["gap_relative"] == pytest.approx(row["gap"] / row["nll_encoder"])
+    assert row["latent_shift"] > 0
+    # cells are searched independently: other batches give the same numbers
+    batched = amortisation_gap(model, x, counts, split, steps=5, lr=0.05, batch_size=5)
+    pd.testing.assert_frame_equal(batched, frame, rtol=1e-4)
+    # more search can only keep or lower the best NLL found (the path's best is kept)
+    longer = amortisation_gap(model, x, counts, split, steps=10, lr=0.05).iloc[0]
+    assert longer["nll_optimal"] <= row["nll_optimal"] + 1e-6
+    # the caller's model is untouched
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="test cells"):
+        amortisation_gap(model, x, counts, np.full(len(x), "train"))
+    with pytest.raises(ValueError, match="steps"):
+        amortisation_gap(model, x, counts, split, steps=0)
+
+
+@pytest.mark.filterwarnings("ignore")  # Lightning's notes on a 3-batch epoch
+def test_scvi_autoencoder_scores_scvi_in_the_same_units():
+    import scvi
+
+    from interpret import scvi_autoencoder
+    from scvit_core.baselines import scvi_reconstruction_error
+
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(2, 0.3, size=(200, 60)).astype(np.float32)
+    adata = ad.AnnData(counts)
+    scvi.settings.seed = 0
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(adata, n_latent=4, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, accelerator="cpu", enable_progress_bar=False)
+    net = scvi_autoencoder(model)
+    assert net.config.likelihood == "corrected"  # scVI's default ZINB
+    x = torch.as_tensor(counts)
+    expected = scvi_reconstruction_error(model, adata, split=None, posterior="mean")
+    frame = amortisation_gap(net, x, x, None, steps=5)
+    assert frame.loc[0, "nll_encoder"] == pytest.approx(expected["reconstruction_loss"], rel=1e-5)
+    assert frame.loc[0, "gap"] > 0
+    nb = scvi.model.SCVI(adata, n_latent=4, n_hidden=16, gene_likelihood="nb")
+    assert scvi_autoencoder(nb).config.likelihood == "nb"
+    with pytest.raises(NotImplementedError, match="dispersion"):
+        scvi_autoencoder(scvi.model.SCVI(adata, dispersion="gene-cell"))
+
+
+class ConstantDecoder(torch.nn.Module):
+    """A decoder that ignores its latent: every cell's mean is its library x fixed proportions."""
+
+    def __init__(self, n_genes: int) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(likelihood="nb", n_latent=3)
+        self.logits = torch.nn.Parameter(torch.linspace(-1.0, 1.0, n_genes))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :3]
+
+    def decode(self, z: torch.Tensor, *, library: torch.Tensor | None = None):
+        mean = torch.softmax(self.logits, 0).expand(len(z), -1) * library[:, None]
+        return mean, torch.full_like(mean, 2.0), None
+
+
+def test_amortisation_gap_is_zero_for_a_decoder_that_ignores_its_latent(data):
+    frame = amortisation_gap(ConstantDecoder(N_GENES), data["x"], data["counts"], None, steps=5)
+    assert frame.loc[0, "cells"] == len(data["x"])
+    assert frame.loc[0, "gap"] == 0.0 and frame.loc[0, "latent_shift"] == 0.0
+
+
 def test_grad_norm_share_aggregates_blocks(model):
     groups = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in model.named_parameters()))
     rows = [
@@ -483,6 +563,15 @@ def test_perceiver_knockouts_follow_each_sites_softmax(make_perceiver, perceiver
         "zero": ["all", "encoder.0", "decoder.0"],
     }
     assert np.isfinite(frame["nll"]).all() and frame["n_cells"].eq(12).all()
+
+
+@pytest.mark.parametrize("decoder", ["attention", "mlp"])
+def test_perceiver_amortisation_gap(make_perceiver, perceiver_data, decoder):
+    net = make_perceiver(decoder=decoder)
+    frame = amortisation_gap(
+        net, perceiver_data["x"], perceiver_data["counts"], perceiver_data["split"], steps=10
+    )
+    assert frame.loc[0, "cells"] == 12 and frame.loc[0, "gap"] > 0
 
 
 class PerceiverStandIn:
