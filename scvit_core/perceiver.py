@@ -52,7 +52,7 @@ against scVI's 6,066), and ``benchmarks/perceiver_variants.py`` measures it:
 of 128 units from the input to ``q(z | x)`` and from ``z`` to every gene's outputs, with this
 model's count model, likelihood and training, measures what the attention adds beyond them;
 with ``norm="batch", dropout=0.1`` these are scVI's encoder and decoder exactly
-(``study.SCVI_NETWORKS``, chapter 08's third model).
+(:data:`SCVI_NETWORKS`, chapter 08's third model).
 
 **Input masking** (``input_masking=p``) is an option, off by default: while training, each
 gene's input value is hidden with probability ``p`` and the whole count vector is still the
