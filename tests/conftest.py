@@ -76,3 +76,23 @@ def small_perceiver(seed: int = 0, *, sharp: bool = True, **overrides):
 def make_perceiver():
     """:func:`small_perceiver`, for tests that build scPerceivers."""
     return small_perceiver
+
+
+@pytest.fixture(scope="session")
+def tiny_scvi():
+    """An scVI (4 latent dimensions, 16 hidden units) trained for one epoch on 200 cells x 60
+    genes of negative-binomial counts: ``(model, counts)``."""
+    import warnings
+
+    import scvi
+
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(2, 0.3, size=(200, 60)).astype(np.float32)
+    adata = ad.AnnData(counts)
+    scvi.settings.seed = 0
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(adata, n_latent=4, n_hidden=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's notes on a 3-batch epoch
+        model.train(max_epochs=1, batch_size=64, accelerator="cpu", enable_progress_bar=False)
+    return model, counts

@@ -495,18 +495,8 @@ def test_randomisation_changes_attributions(vit, cells):
     assert rows.loc["all", "spearman_cells"] < 0.5
 
 
-@pytest.mark.filterwarnings("ignore")  # Lightning's notes on a 3-batch epoch
-def test_scvi_encoder_matches_scvi_latent():
-    import anndata as ad
-    import scvi
-
-    rng = np.random.default_rng(0)
-    counts = rng.negative_binomial(2, 0.3, size=(200, 60)).astype(np.float32)
-    adata = ad.AnnData(counts)
-    scvi.settings.seed = 0
-    scvi.model.SCVI.setup_anndata(adata)
-    model = scvi.model.SCVI(adata, n_latent=4, n_hidden=16)
-    model.train(max_epochs=1, batch_size=64, accelerator="cpu", enable_progress_bar=False)
+def test_scvi_encoder_matches_scvi_latent(tiny_scvi):
+    model, counts = tiny_scvi
     encoder = scvi_encoder(model).eval()
     with torch.no_grad():
         ours = encoder(torch.as_tensor(counts)).numpy()

@@ -321,20 +321,14 @@ def test_amortisation_gap_bounds_and_invariances(model, data):
         amortisation_gap(model, x, counts, split, steps=0)
 
 
-@pytest.mark.filterwarnings("ignore")  # Lightning's notes on a 3-batch epoch
-def test_scvi_autoencoder_scores_scvi_in_the_same_units():
+def test_scvi_autoencoder_scores_scvi_in_the_same_units(tiny_scvi):
     import scvi
 
     from interpret import scvi_autoencoder
     from scvit_core.baselines import scvi_reconstruction_error
 
-    rng = np.random.default_rng(0)
-    counts = rng.negative_binomial(2, 0.3, size=(200, 60)).astype(np.float32)
-    adata = ad.AnnData(counts)
-    scvi.settings.seed = 0
-    scvi.model.SCVI.setup_anndata(adata)
-    model = scvi.model.SCVI(adata, n_latent=4, n_hidden=16)
-    model.train(max_epochs=1, batch_size=64, accelerator="cpu", enable_progress_bar=False)
+    model, counts = tiny_scvi
+    adata = model.adata
     net = scvi_autoencoder(model)
     assert net.config.likelihood == "corrected"  # scVI's default ZINB
     x = torch.as_tensor(counts)
